@@ -1,0 +1,57 @@
+"""``moeclip`` command line: one module per sub-command, each exposing ``register(subparsers)``.
+
+A sub-command module adds its parser with ``subparsers.add_parser(...)`` and sets
+``parser.set_defaults(func=run)`` where ``run(args) -> int`` returns the exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import MoECLIPError
+
+# Sub-command modules, in the order they appear in --help. Missing ones are skipped
+# so that a partial install (e.g. without the serve extra) still works.
+_COMMANDS = ["demo", "train", "test", "predict", "calibrate", "serve", "export", "explain",
+             "analyze", "ablate", "datasets", "convert"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="moeclip",
+        description="MoECLIP zero-shot anomaly detection: train once, detect defects in unseen categories.",
+    )
+    parser.add_argument("--version", action="version", version=f"moeclip {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:  # command not written yet / optional module
+            if exc.name and exc.name.startswith(f"{__name__}.{name}"):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MoECLIPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
