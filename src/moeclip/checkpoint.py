@@ -1,0 +1,216 @@
+"""Checkpoints: our safetensors + JSON format, and the official ``.pth`` format (read, convert, write).
+
+Our format is a directory (or the pair of files inside it)::
+
+    CKPT/config.json          {"format": "moeclip", "version", "model": {backbone, adapter}, "meta": {...}}
+    CKPT/adapters.safetensors the adapter weights (FOFS matrices included)
+
+``config.json`` alone rebuilds the model: backbone name/config and weight source, every
+adapter hyper-parameter. Writes are atomic (temporary files, then rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from . import __version__
+from .config import AdapterConfig, ModelConfig
+from .errors import MoECLIPError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "adapters.safetensors"
+FORMAT = "moeclip"
+
+
+# ---------------------------------------------------------------------------- official names
+def official_to_ours(state: Dict[str, torch.Tensor], source: str = "official checkpoint") -> Dict[str, torch.Tensor]:
+    """Map the official parameter names (``image_adapter.*``, ``text_adapter.*``) to ours.
+
+    Per-expert LoRA matrices are stacked into (E, r, d) / (E, d, r) tensors.
+    """
+    ours: Dict[str, torch.Tensor] = {}
+    experts: Dict[Tuple[int, str], Dict[int, torch.Tensor]] = {}
+    rules = [
+        (r"image_adapter\.moe_adapters\.(\d+)\.gate\.weight", lambda m: f"moe.{m[1]}.router.gate.weight"),
+        (r"image_adapter\.seg_proj\.(\d+)\.fc(?:\.0)?\.weight", lambda m: f"seg_proj.{m[1]}.proj.weight"),
+        (r"image_adapter\.det_proj\.ln\.(weight|bias)", lambda m: f"det_proj.norm.{m[1]}"),
+        (r"image_adapter\.det_proj\.adapter\.0\.weight", lambda m: "det_proj.dwconv.weight"),
+        (r"image_adapter\.det_proj\.adapter\.2\.weight", lambda m: "det_proj.pwconv.weight"),
+        (r"text_adapter\.0\.fc(?:\.0)?\.weight", lambda m: "text.adapter.proj.weight"),
+    ]
+    for key, value in state.items():
+        m = re.fullmatch(r"image_adapter\.moe_adapters\.(\d+)\.experts\.(\d+)\.(lora_[AB])\.weight", key)
+        if m:
+            experts.setdefault((int(m[1]), m[3]), {})[int(m[2])] = value
+            continue
+        for pattern, name in rules:
+            m = re.fullmatch(pattern, key)
+            if m:
+                ours[name(m)] = value
+                break
+        else:
+            if key.startswith("image_adapter.") or key.startswith("text_adapter."):
+                raise MoECLIPError(f"{source}: unknown official parameter {key!r}")
+    for (layer, kind), per_expert in experts.items():
+        n = len(per_expert)
+        if sorted(per_expert) != list(range(n)):
+            raise MoECLIPError(f"{source}: MoE layer {layer} has experts {sorted(per_expert)}")
+        ours[f"moe.{layer}.experts.{kind}"] = torch.stack([per_expert[e] for e in range(n)])
+    return ours
+
+
+def ours_to_official(state: Dict[str, torch.Tensor], relu: bool = False) -> Dict[str, torch.Tensor]:
+    """Inverse of :func:`official_to_ours` (also used to compare gradients with the reference)."""
+    out: Dict[str, torch.Tensor] = {}
+    seg = "fc.0" if relu else "fc"
+    for key, value in state.items():
+        m = re.fullmatch(r"moe\.(\d+)\.experts\.(lora_[AB])", key)
+        if m:
+            for e in range(value.shape[0]):
+                out[f"image_adapter.moe_adapters.{m[1]}.experts.{e}.{m[2]}.weight"] = value[e]
+            continue
+        for pattern, name in [
+            (r"moe\.(\d+)\.router\.gate\.weight", lambda m: f"image_adapter.moe_adapters.{m[1]}.gate.weight"),
+            (r"seg_proj\.(\d+)\.proj\.weight", lambda m: f"image_adapter.seg_proj.{m[1]}.{seg}.weight"),
+            (r"det_proj\.norm\.(weight|bias)", lambda m: f"image_adapter.det_proj.ln.{m[1]}"),
+            (r"det_proj\.dwconv\.weight", lambda m: "image_adapter.det_proj.adapter.0.weight"),
+            (r"det_proj\.pwconv\.weight", lambda m: "image_adapter.det_proj.adapter.2.weight"),
+            (r"text\.adapter\.proj\.weight", lambda m: "text_adapter.0.fc.0.weight"),
+        ]:
+            m = re.fullmatch(pattern, key)
+            if m:
+                out[name(m)] = value
+                break
+        else:
+            raise KeyError(f"no official name for {key!r}")
+    return out
+
+
+def read_official(path: str | Path) -> Dict[str, Any]:
+    """The official ``{"epoch", "text_adapter", "image_adapter"}`` file, loaded weights-only."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoECLIPError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MoECLIPError(f"{path}: not a weights-only torch checkpoint ({str(exc).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or "image_adapter" not in ckpt:
+        raise MoECLIPError(f"{path}: not an official MoECLIP checkpoint (no 'image_adapter' entry)")
+    state = {f"image_adapter.{k}": v for k, v in ckpt["image_adapter"].items()}
+    state.update({f"text_adapter.{k}": v for k, v in ckpt.get("text_adapter", {}).items()})
+    return {"epoch": ckpt.get("epoch"), "state": official_to_ours(state, str(path)),
+            "adapt_text": "text_adapter" in ckpt}
+
+
+def infer_adapter_config(state: Dict[str, torch.Tensor], base: Optional[AdapterConfig] = None) -> Dict[str, Any]:
+    """Hyper-parameters that the weights' shapes reveal (experts, rank), to check flags against."""
+    found: Dict[str, Any] = {}
+    A = state.get("moe.0.experts.lora_A")
+    if A is not None:
+        found["num_experts"], found["rank"] = int(A.shape[0]), int(A.shape[1])
+    found["num_moe_layers"] = len({k.split(".")[1] for k in state if k.startswith("moe.")})
+    found["num_seg_proj"] = len({k.split(".")[1] for k in state if k.startswith("seg_proj.")})
+    return found
+
+
+# ---------------------------------------------------------------------------- our format
+def _atomic_write_bytes(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_write_bytes(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def save_checkpoint(model, directory: str | Path, meta: Optional[Dict[str, Any]] = None,
+                    overwrite: bool = False) -> Path:
+    """Write ``config.json`` + ``adapters.safetensors`` atomically into ``directory``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if (directory / WEIGHTS_FILE).exists() and not overwrite:
+        raise MoECLIPError(f"{directory}: a checkpoint already exists there (use --overwrite to replace it)")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
+    doc = {"format": FORMAT, "version": __version__, "model": model.config.to_dict(), "meta": meta or {}}
+    _atomic_write_bytes(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
+    return directory
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+
+
+def read_checkpoint(path: str | Path) -> Tuple[ModelConfig, Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(config, adapter state, meta) of one of our checkpoints (a directory or its config.json)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_file() and p.name == CONFIG_FILE:
+        p = p.parent
+    if p.is_file() and p.suffix == ".safetensors":
+        p = p.parent
+    if not p.exists():
+        raise MoECLIPError(f"{path}: checkpoint not found")
+    cfg_path, w_path = p / CONFIG_FILE, p / WEIGHTS_FILE
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise MoECLIPError(f"{p}: not a moeclip checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        doc = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MoECLIPError(f"{cfg_path}: invalid JSON ({exc})") from None
+    if doc.get("format") != FORMAT:
+        raise MoECLIPError(f"{cfg_path}: not a moeclip checkpoint config (format={doc.get('format')!r})")
+    config = ModelConfig.from_dict(doc.get("model", {}), str(cfg_path))
+    try:
+        state = load_file(str(w_path))
+    except Exception as exc:
+        raise MoECLIPError(f"{w_path}: unreadable safetensors file ({exc})") from None
+    return config, state, doc.get("meta", {})
+
+
+def load_model(path: str | Path, backbone_overrides: Optional[Dict[str, Any]] = None,
+               adapter: Optional[AdapterConfig] = None, device: str | torch.device = "cpu"):
+    """Build a model from our checkpoint, or from an official ``.pth`` + hyper-parameters.
+
+    ``backbone_overrides`` replaces fields of the stored backbone config (e.g. a local
+    weight file instead of the ``openai`` tag on an offline machine).
+    """
+    import dataclasses
+
+    from .model import MoECLIP
+
+    p = Path(path)
+    if p.suffix in (".pth", ".pt") and p.is_file():
+        from .config import BackboneConfig
+
+        backbone = dataclasses.replace(BackboneConfig(), **(backbone_overrides or {}))
+        official = read_official(p)
+        config = ModelConfig(backbone=backbone, adapter=adapter or AdapterConfig())
+        model = MoECLIP.from_config(config)
+        model.load_adapter_state_dict(official["state"], str(p))
+        model.config.adapter  # resolved config already holds layers/levels
+        return model.to(device).eval()
+    config, state, _ = read_checkpoint(p)
+    if backbone_overrides:
+        config.backbone = dataclasses.replace(config.backbone, **backbone_overrides)
+    model = MoECLIP.from_config(config)
+    model.load_adapter_state_dict(state, str(p))
+    return model.to(device).eval()

@@ -1,0 +1,51 @@
+"""LoRA experts, stored stacked so that all experts of a layer run as batched matmuls."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .fofs import fofs_down_projections
+
+
+class LoRAExperts(nn.Module):
+    """E low-rank maps ``x -> B_e A_e x * alpha / r``.
+
+    ``lora_A`` is (E, r, d), ``lora_B`` is (E, d, r). With FOFS, ``lora_A`` is the frozen
+    orthogonal split of the input features; otherwise it is Kaiming-uniform and trains.
+    ``lora_B`` starts at zero, so an untrained expert outputs zero.
+    """
+
+    def __init__(self, width: int, num_experts: int, rank: int, alpha: float, dropout: float = 0.0,
+                 fofs: bool = True, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
+        self.dropout = dropout
+        if fofs:
+            A = fofs_down_projections(width, num_experts, rank, generator)
+        else:
+            A = torch.empty(num_experts, rank, width)
+            for e in range(num_experts):  # nn.Linear's default init, as the reference LoRA
+                nn.init.kaiming_uniform_(A[e], a=math.sqrt(5))
+        self.lora_A = nn.Parameter(A, requires_grad=not fofs)
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, width, rank))
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (N, E, r). LoRA dropout is drawn independently for each expert."""
+        if self.training and self.dropout > 0:
+            xs = nn.functional.dropout(x.unsqueeze(0).expand(self.num_experts, *x.shape), self.dropout, True)
+            return torch.einsum("end,erd->ner", xs, self.lora_A.to(x.dtype))
+        N, d = x.shape
+        return (x @ self.lora_A.to(x.dtype).reshape(-1, d).T).view(N, self.num_experts, self.rank)
+
+    def mix(self, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_e w_e B_e h_e for dense weights (N, E) (zero outside the top-k): one matmul."""
+        hw = (h * weights.unsqueeze(-1).to(h.dtype)).reshape(h.shape[0], -1)  # (N, E*r)
+        B = self.lora_B.to(h.dtype).permute(1, 0, 2).reshape(self.lora_B.shape[1], -1)  # (d, E*r)
+        return (hw @ B.T) * self.scaling
+
+    def all_outputs(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, E, d): every expert's output for every token (the ETF loss needs them all)."""
+        return torch.einsum("ner,edr->ned", h, self.lora_B.to(h.dtype)) * self.scaling

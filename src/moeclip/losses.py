@@ -1,0 +1,56 @@
+"""Training losses: focal + Dice on the maps, CE on the image score, ETF and load balance on the MoE."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def etf_loss(expert_outputs: torch.Tensor) -> torch.Tensor:
+    """Pull the E experts' outputs for each token towards a simplex equiangular tight frame.
+
+    ``expert_outputs`` is (N, E, d). The Gram matrix of the L2-normalised outputs is
+    compared (mean squared error, averaged over tokens) with the ETF target: 1 on the
+    diagonal, -1/(E-1) off it, i.e. experts as far apart as E unit vectors can be.
+    """
+    N, E, _ = expert_outputs.shape
+    if E < 2:
+        return expert_outputs.new_zeros(())
+    z = F.normalize(expert_outputs.float(), dim=-1, eps=1e-6)
+    gram = z @ z.transpose(1, 2)
+    target = torch.full((E, E), -1.0 / (E - 1), device=z.device, dtype=z.dtype)
+    target.fill_diagonal_(1.0)
+    return ((gram - target) ** 2).mean()
+
+
+def balance_loss(router_probs: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation of the per-expert total router probability over all tokens."""
+    load = router_probs.reshape(-1, router_probs.shape[-1]).float().sum(0)
+    return (load.std() / (load.mean() + 1e-6)) ** 2
+
+
+def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
+    """Focal loss on class probabilities (B, C, H, W) against an index map (B, 1, H, W).
+
+    Follows the focal-loss code the reference uses: the one-hot target is clamped to
+    [smooth/(C-1), 1-smooth], ``pt`` gets ``+smooth`` before the log, no class weights.
+    """
+    C = probs.shape[1]
+    p = probs.permute(0, 2, 3, 1).reshape(-1, C)
+    idx = target.reshape(-1).long()
+    one_hot = F.one_hot(idx, C).to(p.dtype).clamp(smooth / (C - 1), 1.0 - smooth)
+    pt = (one_hot * p).sum(1) + smooth
+    return (-((1 - pt) ** gamma) * pt.log()).mean()
+
+
+def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - Dice, computed per image and averaged over the batch."""
+    B = target.shape[0]
+    p, t = pred.reshape(B, -1), target.reshape(B, -1)
+    dice = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
+    return 1 - dice.mean()
+
+
+def segmentation_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Focal + Dice(normal channel, 1 - mask) + Dice(abnormal channel, mask) for one map."""
+    m = mask[:, 0]
+    return focal_loss(probs, mask) + dice_loss(probs[:, 0], 1 - m) + dice_loss(probs[:, 1], m)

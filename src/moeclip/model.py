@@ -1,0 +1,205 @@
+"""MoECLIP: a frozen CLIP whose vision tower gets MoE adapters, plus projections and a text adapter."""
+from __future__ import annotations
+
+import contextlib
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .backbone import create_clip, freeze, vision_dims
+from .config import AdapterConfig, BackboneConfig, ModelConfig
+from .errors import MoECLIPError
+from .losses import segmentation_loss
+from .moe import MoEAdapter
+from .paa import aggregate_levels
+from .projections import DetProjection, SegProjection
+from .router import Routing
+from .scoring import Domain, anomaly_map, image_score, segmentation_probs
+from .text import TextAdapter, TextEncoder
+
+
+@dataclass
+class VisionOutput:
+    seg_features: List[torch.Tensor]  # num_maps x (B, H*W, D), L2-normalised per patch, level-major
+    det_feature: torch.Tensor         # (B, D) mean of L2-normalised detection tokens
+    grid: Tuple[int, int]
+    routing: List[Routing] = field(default_factory=list)  # one per MoE layer, shapes (B, 1 + H*W, .)
+    balance_loss: Optional[torch.Tensor] = None
+    etf_loss: Optional[torch.Tensor] = None
+
+
+class MoECLIP(nn.Module):
+    """The whole model. Only the adapters train; ``clip`` stays frozen and in eval mode."""
+
+    def __init__(self, clip: nn.Module, adapter: AdapterConfig = AdapterConfig(), tokenizer=None,
+                 backbone: Optional[BackboneConfig] = None, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        dims = vision_dims(clip)
+        cfg = adapter.resolved(dims["depth"])
+        self.config = ModelConfig(backbone=backbone or BackboneConfig(pretrained=None), adapter=cfg)
+        self.grad_checkpoint = False
+        freeze(clip)
+        self.clip = clip
+        width, embed_dim = dims["width"], dims["embed_dim"]
+        dropout = 0.0 if cfg.released_training else cfg.lora_dropout
+        self.moe = nn.ModuleList(
+            MoEAdapter(width, cfg.num_experts, cfg.top_k, cfg.rank, cfg.alpha, dropout, cfg.fofs,
+                       cfg.image_adapt_weight, generator)
+            for _ in cfg.moe_layers
+        )
+        n_proj = len(cfg.levels) if cfg.seg_proj == "shared" else cfg.num_maps
+        self.seg_proj = nn.ModuleList(SegProjection(width, embed_dim, cfg.relu) for _ in range(n_proj))
+        self.det_proj = DetProjection(width, embed_dim)
+        if tokenizer is None:
+            import open_clip
+
+            tokenizer = open_clip.tokenize
+        self.text = TextEncoder(clip, tokenizer, TextAdapter(dims["text_width"], embed_dim))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: ModelConfig, generator: Optional[torch.Generator] = None) -> "MoECLIP":
+        clip = create_clip(config.backbone)
+        return cls(clip, config.adapter, tokenizer_for(config.backbone.model), config.backbone, generator)
+
+    @property
+    def adapter_config(self) -> AdapterConfig:
+        return self.config.adapter
+
+    def train(self, mode: bool = True) -> "MoECLIP":
+        super().train(mode)
+        self.clip.eval()  # CLIP is always in eval mode (no dropout, no patch dropout)
+        return self
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("clip.")]
+
+    def adapter_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Everything that is not CLIP: what a checkpoint stores (FOFS matrices included)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
+
+    def load_adapter_state_dict(self, state: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            what = (f"missing {missing[:3]}" if missing else "") + ("; " if missing and unexpected else "") + \
+                   (f"unexpected {unexpected[:3]}" if unexpected else "")
+            raise MoECLIPError(f"{source}: adapter weights do not match the model ({what}); "
+                               "check the hyper-parameters (experts, layers, levels, seg-proj, relu)")
+        for k, v in expected.items():
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise MoECLIPError(f"{source}: {k} has shape {tuple(state[k].shape)}, the model expects "
+                                   f"{tuple(v.shape)}; check the hyper-parameters")
+        self.load_state_dict({**self.clip_state_prefixed(), **state}, strict=True)
+
+    def clip_state_prefixed(self) -> Dict[str, torch.Tensor]:
+        return {f"clip.{k}": v for k, v in self.clip.state_dict().items()}
+
+    # ------------------------------------------------------------------ vision
+    def _losses_active(self) -> bool:
+        cfg = self.adapter_config
+        return self.training and not cfg.released_training and (cfg.etf_weight > 0 or cfg.balance_weight > 0)
+
+    def encode_image(self, images: torch.Tensor, compute_losses: Optional[bool] = None) -> VisionOutput:
+        """Run the tower with the MoE adapters; ``images`` are CLIP-normalised (B, 3, S, S)."""
+        cfg = self.adapter_config
+        if compute_losses is None:
+            compute_losses = self._losses_active()
+        visual = self.clip.visual
+        blocks = visual.transformer.resblocks
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        moe_at = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+        last = max(cfg.levels)
+        first_moe = min(cfg.moe_layers, default=last)
+
+        def run_block(i: int, x: torch.Tensor) -> torch.Tensor:
+            blk = blocks[i]
+            if not batch_first:
+                return blk(x.transpose(0, 1)).transpose(0, 1)
+            if self.grad_checkpoint and torch.is_grad_enabled() and x.requires_grad:
+                return checkpoint(blk, x, use_reentrant=False)
+            return blk(x)
+
+        levels, routing, bal, etf = [], [], [], []
+        with torch.no_grad():
+            x = visual._embeds(images.to(visual.conv1.weight.dtype))
+        for i in range(last):
+            # Nothing up to the first MoE adapter depends on a trained weight: no autograd there.
+            with torch.no_grad() if i <= first_moe else contextlib.nullcontext():
+                x = run_block(i, x)
+            if i in moe_at:
+                out = self.moe[moe_at[i]](x, compute_losses)
+                x = out.x
+                routing.append(out.routing)
+                if compute_losses:
+                    bal.append(out.balance_loss)
+                    etf.append(out.etf_loss)
+            if i + 1 in cfg.levels:
+                levels.append(x)
+
+        grid = tuple(visual.grid_size)
+        maps = aggregate_levels(levels, grid, cfg.paa_radii)
+        n_r = len(cfg.paa_radii)
+        seg = []
+        for j, t in enumerate(maps):
+            t = visual.ln_post(t)[:, 1:]
+            proj = self.seg_proj[j // n_r if cfg.seg_proj == "shared" else j]
+            seg.append(F.normalize(proj(t), dim=-1))
+        det_in = visual.ln_post(levels[-1])[:, 1:]
+        det = F.normalize(self.det_proj(det_in), dim=-1).mean(1)
+        return VisionOutput(seg, det, grid, routing,
+                            torch.stack(bal).sum() if bal else None,
+                            torch.stack(etf).sum() if etf else None)
+
+    # ------------------------------------------------------------------ text
+    def text_features(self, description: str) -> torch.Tensor:
+        """(D, 2) adapted text features [normal, abnormal] for an object description."""
+        return self.text(description)
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor, text: "torch.Tensor | str", domain: "Domain | str" = "industrial",
+                out_size: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+        """Raw anomaly maps (B, H, W) at ``out_size`` (default: the input size) and raw image scores (B,)."""
+        if isinstance(text, str):
+            text = self.text_features(text)
+        out = self.encode_image(images, compute_losses=False)
+        text = text.to(out.det_feature.dtype)
+        size = tuple(out_size) if out_size is not None else tuple(images.shape[-2:])
+        maps = anomaly_map(out.seg_features, text, out.grid, size, domain)
+        return {"anomaly_map": maps, "image_score": image_score(out.det_feature, text), "vision": out}
+
+    # ------------------------------------------------------------------ training
+    def compute_losses(self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+                       text: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """All loss terms of one batch. ``text`` is (D, 2) for the whole batch or (B, D, 2) per image."""
+        cfg = self.adapter_config
+        out = self.encode_image(images)
+        if text.dim() == 2:
+            text = text.unsqueeze(0).expand(images.shape[0], -1, -1)
+        text = text.to(out.det_feature.dtype)
+        logits = (out.det_feature.unsqueeze(1) @ text)[:, 0]
+        ce = F.cross_entropy(logits.float(), labels.long())
+        size = tuple(masks.shape[-2:])
+        seg = torch.stack([segmentation_loss(segmentation_probs(f, text, out.grid, size).float(), masks.float())
+                           for f in out.seg_features])
+        zero = ce.new_zeros(())
+        bal = out.balance_loss if out.balance_loss is not None else zero
+        etf = out.etf_loss if out.etf_loss is not None else zero
+        total = ce + seg.sum() + cfg.balance_weight * bal + cfg.etf_weight * etf
+        return {"total": total, "ce": ce, "seg": seg, "balance": bal, "etf": etf}
+
+
+def tokenizer_for(model: str):
+    """open_clip's tokenizer for a named architecture; the CLIP BPE tokenizer for JSON configs."""
+    import open_clip
+
+    if model.endswith(".json"):
+        return open_clip.tokenize
+    return open_clip.get_tokenizer(model)

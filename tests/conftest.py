@@ -1,0 +1,40 @@
+"""Shared fixtures: the golden fixture of the official code and a tiny open_clip config."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+GOLDEN = SHARED / "golden"
+
+torch.set_num_threads(2)
+
+
+def golden_available() -> bool:
+    return (GOLDEN / "expected.safetensors").is_file()
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not golden_available():
+        pytest.skip("../shared/golden is not present")
+    return GOLDEN
+
+
+#: A small open_clip ViT config (random weights) for end-to-end tests.
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("clipcfg") / "tiny-clip.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    return path
