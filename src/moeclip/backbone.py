@@ -74,13 +74,16 @@ def read_weight_file(path: str | Path) -> Dict[str, torch.Tensor]:
             state = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
             raise MoECLIPError(f"{path}: not a readable safetensors file ({exc})") from None
+    elif _is_torchscript(path):
+        obj = _try_torchscript(path)
+        if obj is None:
+            raise MoECLIPError(f"{path}: unreadable TorchScript archive")
+        state = obj
     else:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
-            obj = _try_torchscript(path)
-            if obj is None:
-                raise MoECLIPError(f"{path}: cannot read as a weights-only torch file ({str(exc).splitlines()[0]})") from None
+            raise MoECLIPError(f"{path}: cannot read as a weights-only torch file ({str(exc).splitlines()[0]})") from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -92,10 +95,21 @@ def read_weight_file(path: str | Path) -> Dict[str, torch.Tensor]:
     return state
 
 
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
+
+
 def _try_torchscript(path: Path) -> Optional[Dict[str, torch.Tensor]]:
     """OpenAI's released ``.pt`` files are TorchScript archives; read their tensors only."""
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception:
         return None
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -79,10 +79,11 @@ class TextEncoder(nn.Module):
         if hit is not None:
             return hit
         tokens, n_normal = self.tokenize(description)
-        if kind == "frozen":
-            feats = self.frozen_features(tokens)
-        else:  # plain CLIP text embedding (with text_projection)
-            with torch.no_grad():
+        # ordinary (not inference-mode) tensors, so a cache filled by predict() also serves training
+        with torch.inference_mode(False), torch.no_grad():
+            if kind == "frozen":
+                feats = self.frozen_features(tokens)
+            else:  # plain CLIP text embedding (with text_projection)
                 feats = self.clip.encode_text(tokens.to(self.clip.token_embedding.weight.device)).float()
         with self._lock:
             self._cache[key] = (feats, n_normal)

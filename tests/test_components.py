@@ -1,0 +1,233 @@
+"""Unit tests of the paper's components: FOFS, ETF loss, PAA, router, experts, trainable set."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeclip.config import AdapterConfig, BackboneConfig
+from moeclip.errors import MoECLIPError
+from moeclip.experts import LoRAExperts
+from moeclip.fofs import feature_chunks, fofs_down_projections
+from moeclip.losses import balance_loss, etf_loss
+from moeclip.model import MoECLIP
+from moeclip.paa import patch_average
+from moeclip.router import Router
+from moeclip.backbone import create_clip
+
+
+# ----------------------------------------------------------------------------- FOFS
+@pytest.mark.parametrize("width,experts,rank", [(64, 4, 8), (1024, 4, 8), (70, 4, 8), (30, 3, 4)])
+def test_fofs_block_support_and_orthonormal_rows(width, experts, rank):
+    A = fofs_down_projections(width, experts, rank, torch.Generator().manual_seed(0))
+    chunks = feature_chunks(width, experts)
+    sizes = [c.stop - c.start for c in chunks]
+    assert sum(sizes) == width and max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # the first width % E chunks are one larger
+    for e, chunk in enumerate(chunks):
+        outside = torch.ones(width, dtype=torch.bool)
+        outside[chunk] = False
+        assert A[e][:, outside].abs().max() == 0
+        rows = A[e][:, chunk]
+        torch.testing.assert_close(rows @ rows.T, torch.eye(rank), atol=1e-5, rtol=0)
+    # different experts read disjoint features, so their row spaces are orthogonal
+    for a, b in itertools.combinations(range(experts), 2):
+        assert (A[a] @ A[b].T).abs().max() < 1e-6
+
+
+def test_fofs_is_frozen_and_plain_lora_trains():
+    frozen = LoRAExperts(64, 4, 8, 16, fofs=True)
+    plain = LoRAExperts(64, 4, 8, 16, fofs=False)
+    assert not frozen.lora_A.requires_grad and frozen.lora_B.requires_grad
+    assert plain.lora_A.requires_grad
+    assert frozen.lora_B.abs().max() == 0  # B starts at zero: untrained experts output zero
+
+
+def test_fofs_too_narrow_is_a_clear_error():
+    with pytest.raises(MoECLIPError, match="FOFS"):
+        fofs_down_projections(16, 4, 8)
+
+
+# ----------------------------------------------------------------------------- experts
+def test_mixed_experts_equal_the_routed_sum():
+    torch.manual_seed(0)
+    ex = LoRAExperts(32, 4, 4, 8.0, fofs=True)
+    torch.nn.init.normal_(ex.lora_B)
+    router = Router(32, 4, 2)
+    torch.nn.init.normal_(router.gate.weight)
+    x = torch.randn(50, 32)
+    r = router(x)
+    h = ex.down(x)
+    got = ex.mix(h, router.dense_weights(r))
+    ref = torch.zeros(50, 32)
+    for n in range(50):
+        for k in range(2):
+            e = r.indices[n, k]
+            ref[n] += r.weights[n, k] * (ex.lora_B[e] @ (ex.lora_A[e] @ x[n])) * ex.scaling
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ex.all_outputs(h)[:, 1], (x @ ex.lora_A[1].T @ ex.lora_B[1].T) * ex.scaling,
+                               atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- router
+def test_router_topk_weights_renormalised():
+    torch.manual_seed(1)
+    router = Router(16, 5, 3)
+    torch.nn.init.normal_(router.gate.weight)
+    r = router(torch.randn(4, 7, 16))
+    assert r.probs.dtype == torch.float32
+    torch.testing.assert_close(r.probs.sum(-1), torch.ones(4, 7))
+    torch.testing.assert_close(r.weights.sum(-1), torch.ones(4, 7))
+    top = r.probs.topk(3, dim=-1)
+    assert torch.equal(r.indices, top.indices)
+    torch.testing.assert_close(r.weights, top.values / top.values.sum(-1, keepdim=True))
+    dense = router.dense_weights(r)
+    assert ((dense > 0).sum(-1) == 3).all()
+
+
+def test_router_starts_uniform():
+    r = Router(8, 4, 2)(torch.randn(3, 8))
+    torch.testing.assert_close(r.probs, torch.full((3, 4), 0.25))
+
+
+# ----------------------------------------------------------------------------- ETF / balance
+def simplex_etf(E: int, d: int) -> torch.Tensor:
+    """E unit vectors with pairwise cosine -1/(E-1): centred one-hot vectors, padded to d."""
+    v = torch.eye(E) - 1.0 / E
+    v = F.normalize(v, dim=-1)
+    return F.pad(v, (0, d - E))
+
+
+def test_etf_loss_zero_on_simplex_positive_otherwise():
+    etf = simplex_etf(4, 16).unsqueeze(0).repeat(5, 1, 1)
+    Q, _ = torch.linalg.qr(torch.randn(16, 16))
+    assert etf_loss(etf) < 1e-10
+    assert etf_loss(etf @ Q * 3.0) < 1e-10  # rotation- and scale-invariant
+    same = torch.randn(5, 1, 16).repeat(1, 4, 1)
+    assert etf_loss(same) > 0.5
+    x = torch.randn(5, 4, 16, requires_grad=True)
+    loss = etf_loss(x)
+    assert loss > 0
+    loss.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_balance_loss():
+    uniform = torch.full((10, 4), 0.25)
+    assert balance_loss(uniform) < 1e-10
+    skewed = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(10, 1)
+    s = skewed.sum(0)
+    assert torch.isclose(balance_loss(skewed), (s.std() / (s.mean() + 1e-6)) ** 2)
+
+
+# ----------------------------------------------------------------------------- PAA
+@pytest.mark.parametrize("radius", [1, 3, 5])
+def test_paa_equals_bruteforce_neighbourhood_mean(radius):
+    torch.manual_seed(2)
+    B, H, W, C = 2, 5, 6, 3
+    tokens = torch.randn(B, 1 + H * W, C)
+    out = patch_average(tokens, (H, W), radius)
+    assert torch.equal(out[:, 0], tokens[:, 0])
+    grid = tokens[:, 1:].reshape(B, H, W, C)
+    p = radius // 2
+    ref = torch.zeros_like(grid)
+    for i in range(H):
+        for j in range(W):
+            acc = torch.zeros(B, C)
+            for di in range(-p, p + 1):
+                for dj in range(-p, p + 1):
+                    if 0 <= i + di < H and 0 <= j + dj < W:
+                        acc += grid[:, i + di, j + dj]
+            ref[:, i, j] = acc / radius ** 2  # zero padding counts in the mean
+    torch.testing.assert_close(out[:, 1:].reshape(B, H, W, C), ref, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- whole model
+@pytest.fixture(scope="module")
+def tiny_model(tiny_clip_config):
+    torch.manual_seed(0)
+    clip = create_clip(BackboneConfig(model=str(tiny_clip_config), pretrained=None, image_size=64))
+    return MoECLIP(clip, AdapterConfig())
+
+
+def test_only_adapters_train(tiny_model):
+    trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("clip.") for n in trainable)
+    assert not any("lora_A" in n for n in trainable)  # FOFS: A is frozen
+    expected_prefixes = ("moe.", "seg_proj.", "det_proj.", "text.adapter.")
+    assert all(n.startswith(expected_prefixes) for n in trainable)
+    assert any(".router." in n for n in trainable) and any("lora_B" in n for n in trainable)
+    tiny_model.train()
+    assert tiny_model.training and not tiny_model.clip.training
+    assert not any(m.training for m in tiny_model.clip.modules())
+    tiny_model.eval()
+
+
+def test_depth_dependent_defaults(tiny_model):
+    cfg = tiny_model.adapter_config
+    assert cfg.moe_layers == [0, 1, 2, 3] and cfg.levels == [1, 2, 3, 4]  # quarter points of 4 blocks
+    assert AdapterConfig().resolved(24).moe_layers == [5, 11, 17, 23]
+    assert AdapterConfig().resolved(24).levels == [6, 12, 18, 24]
+
+
+def test_no_autograd_before_first_moe_layer(tiny_clip_config):
+    clip = create_clip(BackboneConfig(model=str(tiny_clip_config), pretrained=None, image_size=64))
+    model = MoECLIP(clip, AdapterConfig(moe_layers=[2], levels=[3, 4]))
+    seen = []
+    for i, blk in enumerate(model.clip.visual.transformer.resblocks):
+        blk.register_forward_hook(lambda m, a, o, i=i: seen.append((i, torch.is_grad_enabled())))
+    model.train()
+    model.compute_losses(torch.randn(2, 3, 64, 64), torch.zeros(2, 1, 64, 64), torch.tensor([0, 1]),
+                         model.text_features("thing"))
+    assert dict(seen) == {0: False, 1: False, 2: False, 3: True}
+
+
+def test_losses_train_mode_vs_released(tiny_clip_config):
+    clip = create_clip(BackboneConfig(model=str(tiny_clip_config), pretrained=None, image_size=64))
+    images, masks, labels = torch.randn(2, 3, 64, 64), torch.zeros(2, 1, 64, 64), torch.tensor([0, 1])
+    paper = MoECLIP(clip, AdapterConfig()).train()
+    l1 = paper.compute_losses(images, masks, labels, paper.text_features("x"))
+    assert l1["etf"] > 0 and l1["seg"].shape == (12,)
+    released = MoECLIP(clip, AdapterConfig(released_training=True)).train()
+    l2 = released.compute_losses(images, masks, labels, released.text_features("x"))
+    assert l2["etf"] == 0 and l2["balance"] == 0
+    assert all(m.experts.dropout == 0 for m in released.moe)
+
+
+def test_grad_checkpoint_gives_same_gradients(tiny_clip_config):
+    clip = create_clip(BackboneConfig(model=str(tiny_clip_config), pretrained=None, image_size=64))
+    torch.manual_seed(3)
+    model = MoECLIP(clip, AdapterConfig(lora_dropout=0.0))
+    for m in model.moe:
+        torch.nn.init.normal_(m.experts.lora_B, std=0.1)
+    images, masks = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.8).float()
+    labels = torch.tensor([0, 1])
+    grads = []
+    for ckpt in (False, True):
+        model.grad_checkpoint = ckpt
+        model.zero_grad()
+        model.train()
+        model.compute_losses(images, masks, labels, model.text_features("x"))["total"].backward()
+        grads.append([p.grad.clone() for p in model.trainable_parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_separate_projections_and_no_paa(tiny_clip_config):
+    clip = create_clip(BackboneConfig(model=str(tiny_clip_config), pretrained=None, image_size=64))
+    sep = MoECLIP(clip, AdapterConfig(seg_proj="separate"))
+    assert len(sep.seg_proj) == 12
+    nopaa = MoECLIP(clip, AdapterConfig(paa=False))
+    out = nopaa.encode_image(torch.randn(1, 3, 64, 64))
+    assert len(out.seg_features) == 4 and len(nopaa.seg_proj) == 4
+
+
+def test_bad_config_errors():
+    with pytest.raises(MoECLIPError, match="top_k"):
+        AdapterConfig(num_experts=2, top_k=3).resolved(24)
+    with pytest.raises(MoECLIPError, match="MoE layer 30"):
+        AdapterConfig(moe_layers=[30]).resolved(24)
+    with pytest.raises(MoECLIPError, match="seg_proj"):
+        AdapterConfig(seg_proj="both").resolved(24)
