@@ -153,3 +153,18 @@ def test_vit_l_14_336_at_518_forward_shapes():
     assert res["anomaly_map"].shape == (1, 518, 518) and res["image_score"].shape == (1,)
     assert model.text_features("metal nut").shape == (768, 2)
     assert torch.isfinite(res["anomaly_map"]).all()
+
+
+def test_checkpoint_with_backbone_is_self_contained(tiny_clip_config, tmp_path):
+    cfg = ModelConfig(BackboneConfig(model=str(tiny_clip_config), pretrained=None, image_size=64), AdapterConfig())
+    torch.manual_seed(5)
+    model = MoECLIP.from_config(cfg).eval()
+    out = save_checkpoint(model, tmp_path / "ck", include_backbone=True)
+    moved = tmp_path / "elsewhere"
+    out.rename(moved)
+    tiny_clip_config_copy = moved / "clip_config.json"
+    assert tiny_clip_config_copy.is_file()
+    torch.manual_seed(123)  # a different seed: the CLIP must come from the file
+    loaded = load_model(moved)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(loaded.predict(x, "a")["anomaly_map"], model.predict(x, "a")["anomaly_map"])

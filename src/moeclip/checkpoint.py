@@ -25,6 +25,8 @@ from .errors import MoECLIPError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "adapters.safetensors"
+CLIP_WEIGHTS_FILE = "clip.safetensors"
+CLIP_CONFIG_FILE = "clip_config.json"
 FORMAT = "moeclip"
 
 
@@ -139,15 +141,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def save_checkpoint(model, directory: str | Path, meta: Optional[Dict[str, Any]] = None,
-                    overwrite: bool = False) -> Path:
-    """Write ``config.json`` + ``adapters.safetensors`` atomically into ``directory``."""
+                    overwrite: bool = False, include_backbone: bool = False) -> Path:
+    """Write ``config.json`` + ``adapters.safetensors`` atomically into ``directory``.
+
+    ``include_backbone`` also stores the CLIP weights (and its model config, when it came
+    from a JSON file) inside the checkpoint, referenced by relative paths: for random or
+    custom CLIPs that no tag can rebuild (the demo, tests). Pretrained tags need not.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
     if (directory / WEIGHTS_FILE).exists() and not overwrite:
         raise MoECLIPError(f"{directory}: a checkpoint already exists there (use --overwrite to replace it)")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
-    doc = {"format": FORMAT, "version": __version__, "model": model.config.to_dict(), "meta": meta or {}}
+    model_doc = model.config.to_dict()
+    if include_backbone:
+        clip_state = {k: v.detach().to("cpu").contiguous() for k, v in model.clip.state_dict().items()}
+        _atomic_write_bytes(directory / CLIP_WEIGHTS_FILE, lambda tmp: save_file(clip_state, tmp))
+        src = Path(model.config.backbone.model)
+        if src.suffix == ".json" and src.is_file():
+            atomic_write_text(directory / CLIP_CONFIG_FILE, src.read_text())
+            model_doc["backbone"]["model"] = CLIP_CONFIG_FILE
+        model_doc["backbone"]["pretrained"] = CLIP_WEIGHTS_FILE
+    doc = {"format": FORMAT, "version": __version__, "model": model_doc, "meta": meta or {}}
     _atomic_write_bytes(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
     atomic_write_text(directory / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
     return directory
@@ -179,6 +195,11 @@ def read_checkpoint(path: str | Path) -> Tuple[ModelConfig, Dict[str, torch.Tens
     if doc.get("format") != FORMAT:
         raise MoECLIPError(f"{cfg_path}: not a moeclip checkpoint config (format={doc.get('format')!r})")
     config = ModelConfig.from_dict(doc.get("model", {}), str(cfg_path))
+    # files stored inside the checkpoint are referenced relative to it
+    for name in ("model", "pretrained"):
+        value = getattr(config.backbone, name)
+        if value and not Path(value).is_absolute() and (p / value).is_file():
+            setattr(config.backbone, name, str(p / value))
     try:
         state = load_file(str(w_path))
     except Exception as exc:
