@@ -1,0 +1,114 @@
+"""``moeclip test``: zero-shot evaluation with the official rule, per class and per dataset."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from .train import add_architecture_args, model_config_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("test", help="zero-shot evaluation of a checkpoint on benchmark or custom data",
+                       description="Evaluate class by class: per-class min-max normalisation, domain-dependent "
+                                   "image score; pixel AUROC/AP/AUPRO/F1-max and image AUROC/AP/F1-max.")
+    p.add_argument("--checkpoint", required=True,
+                   help="our checkpoint directory, or an official .pth (then give the hyper-parameter flags)")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH", required=True,
+                   help="evaluation data (repeatable), e.g. MVTec=/data/mvtec, folder=/data/mine")
+    p.add_argument("--out", required=True, metavar="DIR", help="writes results.json, results.csv (and maps, overlays)")
+    p.add_argument("--descriptions", help="class -> object description file (JSON or 'class: text' lines)")
+    p.add_argument("--fix-typos", action="store_true", help="use corrected prompts (e.g. MVTec capsule)")
+    p.add_argument("--domain", choices=["industrial", "medical"], help="override the dataset's domain")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--save-maps", action="store_true", help="write raw anomaly maps (.npy, evaluation resolution)")
+    p.add_argument("--visualize", action="store_true", help="write heat-map overlays (image | map | ground truth)")
+    p.add_argument("--report", action="store_true", help="write an HTML report (curves, failures, histograms)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them")
+    p.add_argument("--overwrite", action="store_true", help="replace results in a non-empty --out")
+    add_architecture_args(p, for_checkpoint=True)
+    p.set_defaults(func=run)
+
+
+def load_model(args):
+    """Our checkpoint (flags may override the backbone source) or an official .pth plus flags."""
+    from ..checkpoint import load_model as _load
+
+    ckpt = Path(args.checkpoint)
+    if ckpt.suffix in (".pth", ".pt") and ckpt.is_file():
+        config = model_config_from_args(args)
+        return _load(ckpt, backbone_overrides=vars(config.backbone), adapter=config.adapter)
+    overrides = {}
+    if args.clip_weights is not None:
+        overrides["pretrained"] = None if args.clip_weights.lower() in ("none", "random") else args.clip_weights
+    if args.clip_model is not None:
+        overrides["model"] = args.clip_model
+    return _load(ckpt, backbone_overrides=overrides or None)
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from ..checkpoint import atomic_write_text
+    from ..engine.evaluate import METRIC_KEYS, evaluate_source, format_table
+    from ..engine.sources import build_sources
+    from ..errors import MoECLIPError
+    from ..precision import resolve_device
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise MoECLIPError(f"{out}: output directory is not empty (use --overwrite)")
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    sources = build_sources(args.data, descriptions=args.descriptions, fix_typos=args.fix_typos, domain=args.domain)
+    model = load_model(args).to(device)
+    size = model.config.backbone.image_size
+
+    writer = None
+    if args.save_maps or args.visualize:
+        from .. import overlay as viz
+
+        def writer(source, group, batch, amap, score):
+            for i, path in enumerate(batch["path"]):
+                stem = f"{Path(path).parent.name}_{Path(path).stem}"
+                folder = out / "maps" / source.name / group
+                if args.save_maps:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    np.save(folder / f"{stem}.npy", amap[i].numpy().astype(np.float32))
+                if args.visualize:
+                    vis = out / "overlays" / source.name / group
+                    vis.mkdir(parents=True, exist_ok=True)
+                    viz.save_triptych(path, amap[i].numpy(), batch["mask"][i, 0].numpy(), vis / f"{stem}.png")
+
+    results = []
+    for source in sources:
+        res = evaluate_source(model, source, image_size=size, device=device, precision=args.precision,
+                              batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad,
+                              keep_maps=args.report, on_batch=writer)
+        results.append(res)
+        for path, reason in res.skipped:
+            print(f"skipped {path}: {reason}")
+
+    doc = {"checkpoint": str(args.checkpoint), "config": model.config.to_dict(),
+           "datasets": [{"name": r.source, "domain": r.domain, "per_class": r.per_class, "average": r.average,
+                         "skipped": [list(s) for s in r.skipped]} for r in results]}
+    atomic_write_text(out / "results.json", json.dumps(doc, indent=2) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["dataset", "class", *METRIC_KEYS])
+    for r in results:
+        for name, m in list(r.per_class.items()) + [("average", r.average)]:
+            w.writerow([r.source, name] + ["" if m.get(k) is None else f"{m[k]:.6f}" for k in METRIC_KEYS])
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    if args.report:
+        from ..report import write_report
+
+        report = write_report(out, results, model.config.to_dict())
+        print(f"report: {report}")
+    print(format_table(results))
+    print(f"\nresults written to {out / 'results.json'} and {out / 'results.csv'}")
+    return 0

@@ -1,0 +1,1 @@
+"""Training and evaluation loops, shared by the CLI and the Python API."""

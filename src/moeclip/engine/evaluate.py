@@ -1,0 +1,136 @@
+"""Zero-shot evaluation with the official rule, class by class."""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.dataset import ZSADDataset, collate
+from ..data.sample import Sample
+from ..metrics import ClassAccumulator, average_results
+from ..precision import autocast
+from ..scoring import Domain
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_f1_max", "image_auroc", "image_ap", "image_f1_max")
+
+
+@dataclass
+class EvalSource:
+    """One ``--data`` entry: its samples, domain and how to describe each class."""
+
+    name: str
+    domain: str
+    samples: List[Sample]
+    describe: Callable[[str], str]
+    class_order: Sequence[str] = ()
+
+    def groups(self) -> "OrderedDict[str, List[Sample]]":
+        """Reporting units (class, or texture folder for DTD-Synthetic) in the official order."""
+        order = {c: i for i, c in enumerate(self.class_order)}
+        out: "OrderedDict[str, List[Sample]]" = OrderedDict()
+        for s in sorted(self.samples, key=lambda s: (order.get(s.class_name, len(order)), s.group)):
+            out.setdefault(s.group, []).append(s)
+        return out
+
+
+@dataclass
+class ClassOutputs:
+    """What the report needs of one class: per-image scores, labels, paths (maps on request)."""
+
+    name: str
+    class_name: str
+    description: str
+    image_scores: np.ndarray
+    map_max: np.ndarray
+    labels: np.ndarray
+    paths: List[str]
+    maps: Optional[np.ndarray] = None
+    masks: Optional[np.ndarray] = None
+
+
+@dataclass
+class EvalResult:
+    source: str
+    domain: str
+    per_class: "OrderedDict[str, Dict]" = field(default_factory=OrderedDict)
+    average: Dict = field(default_factory=dict)
+    outputs: Dict[str, ClassOutputs] = field(default_factory=dict)
+    skipped: List = field(default_factory=list)
+
+
+@torch.inference_mode()
+def evaluate_source(model, source: EvalSource, *, image_size: int, device: torch.device, precision: str = "fp32",
+                    batch_size: int = 8, workers: int = 0, skip_bad: bool = False, keep_maps: bool = False,
+                    on_batch: Optional[Callable] = None, progress: bool = True) -> EvalResult:
+    """Evaluate every class of ``source``; maps are kept at the evaluation resolution (S x S)."""
+    model.eval()
+    domain = Domain.parse(source.domain)
+    result = EvalResult(source.name, domain.value)
+    for group, samples in source.groups().items():
+        class_name = samples[0].class_name
+        description = source.describe(class_name)
+        dataset = ZSADDataset(samples, image_size=image_size, skip_bad=skip_bad)
+        if skip_bad:
+            result.skipped.extend(dataset.validate(progress=False))
+        if len(dataset) == 0:
+            log.warning("%s/%s: no readable images, skipped", source.name, group)
+            continue
+        has_gt = all(s.has_pixel_gt for s in dataset.samples)
+        acc = ClassAccumulator(domain.value, num_images=len(dataset), image_shape=(image_size, image_size),
+                               has_pixel_gt=has_gt)
+        text = model.text_features(description)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
+        scores, maxes, labels, paths = [], [], [], []
+        maps_keep, masks_keep = [], []
+        bar = tqdm(loader, desc=f"{source.name}/{group}", unit="batch", disable=not progress, leave=False)
+        for batch in bar:
+            with autocast(device, precision):
+                out = model.predict(batch["image"].to(device), text, domain)
+            amap = out["anomaly_map"].float().cpu()
+            score = out["image_score"].float().cpu()
+            mask = batch["mask"][:, 0] > 0.5
+            acc.add(amap.numpy(), mask.numpy() if has_gt else None, score.numpy(), batch["label"].numpy())
+            scores.append(score.numpy())
+            maxes.append(amap.flatten(1).max(1).values.numpy())
+            labels.append(batch["label"].numpy())
+            paths.extend(batch["path"])
+            if keep_maps:
+                maps_keep.append(amap.numpy())
+                masks_keep.append(mask.numpy())
+            if on_batch is not None:
+                on_batch(source, group, batch, amap, score)
+        metrics = acc.compute()
+        metrics["num_images"] = len(dataset)
+        metrics["num_anomalous"] = int(np.concatenate(labels).sum())
+        result.per_class[group] = metrics
+        result.outputs[group] = ClassOutputs(
+            group, class_name, description, np.concatenate(scores), np.concatenate(maxes), np.concatenate(labels),
+            paths, np.concatenate(maps_keep) if keep_maps else None, np.concatenate(masks_keep) if keep_maps else None)
+    result.average = {k: v for k, v in average_results(
+        [{k: m[k] for k in METRIC_KEYS} for m in result.per_class.values()]).items()}
+    return result
+
+
+def format_table(results: Sequence[EvalResult], keys: Sequence[str] = METRIC_KEYS) -> str:
+    """Markdown table in percent, per class then the dataset average; n/a where undefined."""
+    head = ["dataset", "class"] + [k.replace("_", " ") for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(v):
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    for r in results:
+        for name, m in r.per_class.items():
+            lines.append("| " + " | ".join([r.source, name] + [cell(m.get(k)) for k in keys]) + " |")
+        lines.append("| " + " | ".join([f"**{r.source}**", "**average**"] +
+                                        [f"**{cell(r.average.get(k))}**" for k in keys]) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,266 @@
+"""The training loop: the official protocol by default, atomic checkpoints, exact resume, torchrun."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm.auto import tqdm
+
+from ..checkpoint import save_checkpoint
+from ..data.dataset import ZSADDataset, collate
+from ..errors import MoECLIPError
+from ..precision import autocast
+from . import distributed as dist_utils
+from .evaluate import EvalSource, evaluate_source
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+LAST_DIR = "checkpoint"
+BEST_DIR = "best"
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are the official protocol (released code's learning rate; the paper states 5e-4)."""
+
+    epochs: int = 20
+    batch_size: int = 2
+    lr: float = 5e-5
+    betas: Tuple[float, float] = (0.5, 0.999)
+    milestones: Tuple[int, ...] = (16000, 32000)
+    gamma: float = 0.5
+    seed: int = 111
+    precision: str = "fp32"
+    grad_accum: int = 1
+    workers: int = 0
+    grad_checkpoint: bool = False
+    max_steps: Optional[int] = None  # stop early (smoke tests, the demo's time budget)
+    augment: bool = True
+    include_backbone: bool = False   # store the CLIP in the checkpoint (random/custom backbones)
+    val_metric: str = "pixel_auroc"
+
+
+class _LossModule(nn.Module):
+    """DDP needs a forward(): it computes text features (adapter) and all losses in one call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, masks, labels, descriptions: Sequence[str]):
+        unique = {d: self.model.text_features(d) for d in dict.fromkeys(descriptions)}
+        text = torch.stack([unique[d] for d in descriptions])
+        return self.model.compute_losses(images, masks, labels, text)
+
+
+def _rng_state() -> Dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _seed_epoch(seed: int, epoch: int) -> None:
+    """Every epoch starts from a seed of its own, so a resumed run draws the same batches,
+    augmentations and dropout masks as an uninterrupted one."""
+    s = seed * 1000 + epoch
+    torch.manual_seed(s)
+    np.random.seed(s % (2 ** 32))
+    random.seed(s)
+
+
+def _atomic_replace_dir(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if resume:
+            if not (run_dir / STATE_FILE).is_file():
+                raise MoECLIPError(f"{run_dir}: nothing to resume (no {STATE_FILE})")
+            return
+        if not overwrite:
+            raise MoECLIPError(f"{run_dir}: run directory exists and is not empty "
+                               "(use --resume to continue it or --overwrite to start again)")
+        for child in run_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    elif resume:
+        raise MoECLIPError(f"{run_dir}: nothing to resume")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+class Trainer:
+    def __init__(self, model, sources: Sequence[EvalSource], cfg: TrainConfig, run_dir: str | Path,
+                 device: torch.device, val_sources: Sequence[EvalSource] = (), image_size: Optional[int] = None,
+                 progress: bool = True, on_epoch: Optional[Callable[[int, Dict], None]] = None):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.run_dir = Path(run_dir)
+        self.image_size = image_size or model.config.backbone.image_size
+        self.val_sources = list(val_sources)
+        self.progress = progress and dist_utils.is_main()
+        self.on_epoch = on_epoch
+        samples, descriptions = [], []
+        for src in sources:
+            for s in src.samples:
+                samples.append(s)
+                descriptions.append(src.describe(s.class_name))
+        if not samples:
+            raise MoECLIPError("no training images")
+        bad = [s.image_path for s in samples if s.label == 1 and not s.has_pixel_gt]
+        if bad:
+            raise MoECLIPError(f"training needs masks for anomalous images; {bad[0]} has none "
+                               f"(image-level-only data such as HeadCT cannot be used for training)")
+        self.descriptions = descriptions
+        self.dataset = ZSADDataset(samples, image_size=self.image_size, augment=cfg.augment)
+        model.grad_checkpoint = cfg.grad_checkpoint
+        self.loss_module = _LossModule(model).to(device)
+        self.ddp = None
+        if dist_utils.is_distributed():
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.ddp = DDP(self.loss_module, device_ids=ids, find_unused_parameters=False)
+        self.params = model.trainable_parameters()
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=tuple(cfg.betas))
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.milestones), cfg.gamma)
+        self.epoch, self.step, self.best = 0, 0, None
+
+    # ------------------------------------------------------------------ state
+    def save(self, epoch_metrics: Dict) -> None:
+        if not dist_utils.is_main():
+            return
+        tmp = self.run_dir / f".{LAST_DIR}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        meta = {"epoch": self.epoch, "step": self.step, "metrics": epoch_metrics,
+                "train_config": dataclasses.asdict(self.cfg)}
+        save_checkpoint(self.model, tmp, meta=meta, include_backbone=self.cfg.include_backbone)
+        state = {"epoch": self.epoch, "step": self.step, "best": self.best,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        torch.save(state, tmp / STATE_FILE)
+        _atomic_replace_dir(tmp, self.run_dir / LAST_DIR)
+        # the state file sits beside the checkpoint so `--resume` finds both together
+        shutil.copy2(self.run_dir / LAST_DIR / STATE_FILE, self.run_dir / f".{STATE_FILE}.tmp")
+        os.replace(self.run_dir / f".{STATE_FILE}.tmp", self.run_dir / STATE_FILE)
+
+    def resume(self) -> None:
+        from ..checkpoint import read_checkpoint
+
+        ckpt_dir = self.run_dir / LAST_DIR
+        _, adapters, _ = read_checkpoint(ckpt_dir)
+        self.model.load_adapter_state_dict(adapters, str(ckpt_dir))
+        state = torch.load(self.run_dir / STATE_FILE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step, self.best = state["epoch"], state["step"], state.get("best")
+
+    # ------------------------------------------------------------------ loop
+    def _loader(self, epoch: int) -> DataLoader:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+        if dist_utils.is_distributed():
+            sampler = DistributedSampler(self.dataset, shuffle=True, seed=self.cfg.seed, drop_last=False)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(self.dataset, generator=g)
+        return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
+                          num_workers=self.cfg.workers, collate_fn=collate, generator=g,
+                          persistent_workers=False)
+
+    def _log_row(self, row: Dict) -> None:
+        if not dist_utils.is_main():
+            return
+        path = self.run_dir / "metrics.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def train(self) -> Dict:
+        cfg = self.cfg
+        module = self.ddp or self.loss_module
+        history = {}
+        path_to_desc = {s.image_path: d for s, d in zip(self.dataset.samples, self.descriptions)}
+        while self.epoch < cfg.epochs:
+            if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                break
+            _seed_epoch(cfg.seed, self.epoch)
+            self.model.train()
+            loader = self._loader(self.epoch)
+            bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", disable=not self.progress)
+            sums, count, t0 = {}, 0, time.time()
+            self.optimizer.zero_grad(set_to_none=True)
+            for i, batch in enumerate(bar):
+                descs = [path_to_desc[p] for p in batch["path"]]
+                with autocast(self.device, cfg.precision):
+                    losses = module(batch["image"].to(self.device), batch["mask"].to(self.device),
+                                    batch["label"].to(self.device), descs)
+                (losses["total"] / cfg.grad_accum).backward()
+                if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader):
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scheduler.step()  # per iteration, as the official code
+                    self.step += 1
+                parts = {"loss": losses["total"].item(), "ce": losses["ce"].item(),
+                         "seg": losses["seg"].sum().item(), "etf": losses["etf"].item(),
+                         "balance": losses["balance"].item()}
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                if self.progress:
+                    bar.set_postfix({k: f"{v / count:.3f}" for k, v in sums.items()})
+                self._log_row({"epoch": self.epoch + 1, "step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                               **{k: round(v, 6) for k, v in parts.items()}})
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    break
+            self.epoch += 1
+            epoch_metrics = {k: v / max(count, 1) for k, v in sums.items()}
+            epoch_metrics["seconds"] = time.time() - t0
+            if self.val_sources:
+                epoch_metrics["val"] = self.validate()
+            history[self.epoch] = epoch_metrics
+            self.save(epoch_metrics)
+            if self.on_epoch and dist_utils.is_main():
+                self.on_epoch(self.epoch, epoch_metrics)
+            dist_utils.barrier()
+        return history
+
+    def validate(self) -> Dict:
+        """Zero-shot evaluation on the --val data; keeps the best checkpoint by ``val_metric``."""
+        results = [evaluate_source(self.model, s, image_size=self.image_size, device=self.device,
+                                   precision=self.cfg.precision, progress=False) for s in self.val_sources]
+        values = [r.average.get(self.cfg.val_metric) for r in results]
+        values = [v for v in values if v is not None]
+        score = sum(values) / len(values) if values else None
+        summary = {r.source: r.average for r in results}
+        summary["score"] = score
+        if score is not None and (self.best is None or score > self.best) and dist_utils.is_main():
+            self.best = score
+            tmp = self.run_dir / f".{BEST_DIR}.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            save_checkpoint(self.model, tmp, meta={"epoch": self.epoch, self.cfg.val_metric: score},
+                            include_backbone=self.cfg.include_backbone)
+            _atomic_replace_dir(tmp, self.run_dir / BEST_DIR)
+        self.model.train()
+        return summary
