@@ -50,20 +50,42 @@ def load_model(args):
     return _load(ckpt, backbone_overrides=overrides or None)
 
 
-def run(args) -> int:
-    import numpy as np
+def _safe(name: str) -> str:
+    """A path component that cannot leave the output folder."""
+    import re
 
-    from ..checkpoint import atomic_write_text
-    from ..engine.evaluate import METRIC_KEYS, evaluate_source, format_table
-    from ..engine.sources import build_sources
-    from ..errors import MoECLIPError
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "data"
+
+
+def run(args) -> int:
+    from ..engine import distributed as D
     from ..precision import resolve_device
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise MoECLIPError(f"{out}: output directory is not empty (use --overwrite)")
-    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
+    distributed = D.init_from_env(device)
+    device = D.local_device(device)
+    try:
+        return _run(args, out, device)
+    finally:
+        if distributed:
+            D.shutdown()
+
+
+def _run(args, out: Path, device) -> int:
+    import numpy as np
+
+    from ..checkpoint import atomic_write_text
+    from ..engine import distributed as D
+    from ..engine.evaluate import METRIC_KEYS, evaluate_source, format_table
+    from ..engine.sources import build_sources
+    from ..errors import MoECLIPError
+
+    if D.is_main():
+        if out.exists() and any(out.iterdir()) and not args.overwrite:
+            raise MoECLIPError(f"{out}: output directory is not empty (use --overwrite)")
+        out.mkdir(parents=True, exist_ok=True)
+    D.barrier()
     sources = build_sources(args.data, descriptions=args.descriptions, fix_typos=args.fix_typos, domain=args.domain)
     model = load_model(args).to(device)
     size = model.config.backbone.image_size
@@ -75,12 +97,13 @@ def run(args) -> int:
         def writer(source, group, batch, amap, score):
             for i, path in enumerate(batch["path"]):
                 stem = f"{Path(path).parent.name}_{Path(path).stem}"
-                folder = out / "maps" / source.name / group
+                sub = Path(_safe(source.name)) / _safe(group)
+                folder = out / "maps" / sub
                 if args.save_maps:
                     folder.mkdir(parents=True, exist_ok=True)
                     np.save(folder / f"{stem}.npy", amap[i].numpy().astype(np.float32))
                 if args.visualize:
-                    vis = out / "overlays" / source.name / group
+                    vis = out / "overlays" / sub
                     vis.mkdir(parents=True, exist_ok=True)
                     viz.save_triptych(path, amap[i].numpy(), batch["mask"][i, 0].numpy(), vis / f"{stem}.png")
 
@@ -90,6 +113,9 @@ def run(args) -> int:
                               batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad,
                               keep_maps=args.report, on_batch=writer)
         results.append(res)
+    if not D.is_main():
+        return 0
+    for res in results:
         for path, reason in res.skipped:
             print(f"skipped {path}: {reason}")
 

@@ -17,6 +17,7 @@ from ..data.sample import Sample
 from ..metrics import ClassAccumulator, average_results
 from ..precision import autocast
 from ..scoring import Domain
+from . import distributed as dist_utils
 
 log = logging.getLogger(__name__)
 
@@ -88,26 +89,40 @@ def evaluate_source(model, source: EvalSource, *, image_size: int, device: torch
         acc = ClassAccumulator(domain.value, num_images=len(dataset), image_shape=(image_size, image_size),
                                has_pixel_gt=has_gt)
         text = model.text_features(description)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
+        # under torchrun each rank scores an interleaved shard; the shards are gathered in order
+        shard = list(range(dist_utils.rank(), len(dataset), dist_utils.world_size()))
+        subset = torch.utils.data.Subset(dataset, shard) if dist_utils.is_distributed() else dataset
+        loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
         scores, maxes, labels, paths = [], [], [], []
         maps_keep, masks_keep = [], []
-        bar = tqdm(loader, desc=f"{source.name}/{group}", unit="batch", disable=not progress, leave=False)
+        local = []
+        bar = tqdm(loader, desc=f"{source.name}/{group}", unit="batch",
+                   disable=not progress or not dist_utils.is_main(), leave=False)
         for batch in bar:
             with autocast(device, precision):
                 out = model.predict(batch["image"].to(device), text, domain)
             amap = out["anomaly_map"].float().cpu()
             score = out["image_score"].float().cpu()
             mask = batch["mask"][:, 0] > 0.5
-            acc.add(amap.numpy(), mask.numpy() if has_gt else None, score.numpy(), batch["label"].numpy())
-            scores.append(score.numpy())
-            maxes.append(amap.flatten(1).max(1).values.numpy())
-            labels.append(batch["label"].numpy())
-            paths.extend(batch["path"])
-            if keep_maps:
-                maps_keep.append(amap.numpy())
-                masks_keep.append(mask.numpy())
             if on_batch is not None:
                 on_batch(source, group, batch, amap, score)
+            local.append((batch["index"].numpy(), amap.numpy(), mask.numpy(), score.numpy(),
+                          batch["label"].numpy(), list(batch["path"])))
+        parts = [p for rank_parts in dist_utils.gather_objects(local) for p in rank_parts]
+        if dist_utils.is_distributed():  # back to the dataset order: identical to one process
+            flat = [(int(i), p[1][j], p[2][j], p[3][j], p[4][j], p[5][j]) for p in parts for j, i in enumerate(p[0])]
+            flat.sort(key=lambda t: t[0])
+            parts = [(np.array([t[0]]), t[1][None], t[2][None], np.array([t[3]]), np.array([t[4]]), [t[5]])
+                     for t in flat]
+        for _, amap, mask, score, label, pths in parts:
+            acc.add(amap, mask if has_gt else None, score, label)
+            scores.append(score)
+            maxes.append(amap.reshape(amap.shape[0], -1).max(1))
+            labels.append(label)
+            paths.extend(pths)
+            if keep_maps:
+                maps_keep.append(amap)
+                masks_keep.append(mask)
         metrics = acc.compute()
         metrics["num_images"] = len(dataset)
         metrics["num_anomalous"] = int(np.concatenate(labels).sum())

@@ -1,6 +1,7 @@
 """From ``--data NAME=PATH`` values to evaluation/training sources."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..data.registry import DataFormat, describe, get_dataset, load_descriptions, parse_data_arg
@@ -26,7 +27,7 @@ def build_source(value: str, *, descriptions: Optional[str] = None, fix_typos: b
     overrides: Dict[str, str] = load_descriptions(descriptions) if descriptions else {}
     if not overrides and result.root is not None and (result.root / "descriptions.json").is_file():
         overrides = load_descriptions(result.root / "descriptions.json")  # e.g. moeclip datasets synth
-    name = spec.display_name if spec else str(path)
+    name = spec.display_name if spec else (Path(path).name or str(path))
     dom = domain or (spec.domain if spec else "industrial")
     order = list(spec.class_names) if spec else []
     return EvalSource(name=name, domain=dom, samples=result.samples,

@@ -145,14 +145,25 @@ class Trainer:
         self.epoch, self.step, self.best = 0, 0, None
 
     # ------------------------------------------------------------------ state
+    def _weights_digest(self) -> str:
+        import hashlib
+
+        h = hashlib.sha1()
+        for k, v in sorted(self.model.adapter_state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def save(self, epoch_metrics: Dict) -> None:
+        digests = dist_utils.gather_objects(self._weights_digest())  # every rank must hold the same weights
         if not dist_utils.is_main():
             return
         tmp = self.run_dir / f".{LAST_DIR}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         meta = {"epoch": self.epoch, "step": self.step, "metrics": epoch_metrics,
-                "train_config": dataclasses.asdict(self.cfg)}
+                "train_config": dataclasses.asdict(self.cfg), "world_size": dist_utils.world_size(),
+                "weight_digests": digests}
         save_checkpoint(self.model, tmp, meta=meta, include_backbone=self.cfg.include_backbone)
         state = {"epoch": self.epoch, "step": self.step, "best": self.best,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
