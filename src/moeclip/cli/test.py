@@ -131,9 +131,9 @@ def _run(args, out: Path, device) -> int:
             w.writerow([r.source, name] + ["" if m.get(k) is None else f"{m[k]:.6f}" for k in METRIC_KEYS])
     atomic_write_text(out / "results.csv", buf.getvalue())
     if args.report:
-        from ..report import write_report
+        from ..report import report_from_eval
 
-        report = write_report(out, results, model.config.to_dict())
+        report = report_from_eval(out, results, model.config.to_dict())
         print(f"report: {report}")
     print(format_table(results))
     print(f"\nresults written to {out / 'results.json'} and {out / 'results.csv'}")
