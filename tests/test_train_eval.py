@@ -119,3 +119,35 @@ def test_torchrun_two_process_evaluation_equals_one_process(data, tiny_clip_conf
     assert one[0]["per_class"].keys() == two[0]["per_class"].keys()
     for cls, m in one[0]["per_class"].items():
         assert m == pytest.approx(two[0]["per_class"][cls], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(data, tiny_clip_config, tmp_path):
+    """SIGKILL in the middle of epoch 2, --resume, compare with an uninterrupted run."""
+    import signal
+    import time
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # same thread count everywhere: bitwise comparable
+    cli = [sys.executable, "-m", "moeclip"]
+    base = train_args(data, tiny_clip_config, full, "--epochs", "3", "--seed", "5", "--batch-size", "2")
+    subprocess.run([*cli, *base], env=env, check=True, capture_output=True)
+    args = train_args(data, tiny_clip_config, killed, "--epochs", "3", "--seed", "5", "--batch-size", "2")
+    proc = subprocess.Popen([*cli, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:  # 6 steps per epoch: stop during the second epoch
+            rows = (killed / "metrics.csv").read_text().splitlines() if (killed / "metrics.csv").exists() else []
+            if len(rows) >= 1 + 8:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    state = json.loads((killed / "checkpoint" / "config.json").read_text())["meta"]
+    assert state["epoch"] == 1  # the epoch-2 checkpoint was never written
+    subprocess.run([*cli, *args, "--resume"], env=env, check=True, capture_output=True)
+    a = load_file(str(full / "checkpoint" / "adapters.safetensors"))
+    b = load_file(str(killed / "checkpoint" / "adapters.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
