@@ -6,15 +6,13 @@ import io
 import json
 from pathlib import Path
 
-from .train import add_architecture_args, model_config_from_args
+from .common import add_model_args, load_model_from_args
 
 
 def register(sub) -> None:
     p = sub.add_parser("test", help="zero-shot evaluation of a checkpoint on benchmark or custom data",
                        description="Evaluate class by class: per-class min-max normalisation, domain-dependent "
                                    "image score; pixel AUROC/AP/AUPRO/F1-max and image AUROC/AP/F1-max.")
-    p.add_argument("--checkpoint", required=True,
-                   help="our checkpoint directory, or an official .pth (then give the hyper-parameter flags)")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH", required=True,
                    help="evaluation data (repeatable), e.g. MVTec=/data/mvtec, folder=/data/mine")
     p.add_argument("--out", required=True, metavar="DIR", help="writes results.json, results.csv (and maps, overlays)")
@@ -23,31 +21,13 @@ def register(sub) -> None:
     p.add_argument("--domain", choices=["industrial", "medical"], help="override the dataset's domain")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--save-maps", action="store_true", help="write raw anomaly maps (.npy, evaluation resolution)")
     p.add_argument("--visualize", action="store_true", help="write heat-map overlays (image | map | ground truth)")
     p.add_argument("--report", action="store_true", help="write an HTML report (curves, failures, histograms)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them")
     p.add_argument("--overwrite", action="store_true", help="replace results in a non-empty --out")
-    add_architecture_args(p, for_checkpoint=True)
+    add_model_args(p)
     p.set_defaults(func=run)
-
-
-def load_model(args):
-    """Our checkpoint (flags may override the backbone source) or an official .pth plus flags."""
-    from ..checkpoint import load_model as _load
-
-    ckpt = Path(args.checkpoint)
-    if ckpt.suffix in (".pth", ".pt") and ckpt.is_file():
-        config = model_config_from_args(args)
-        return _load(ckpt, backbone_overrides=vars(config.backbone), adapter=config.adapter)
-    overrides = {}
-    if args.clip_weights is not None:
-        overrides["pretrained"] = None if args.clip_weights.lower() in ("none", "random") else args.clip_weights
-    if args.clip_model is not None:
-        overrides["model"] = args.clip_model
-    return _load(ckpt, backbone_overrides=overrides or None)
 
 
 def _safe(name: str) -> str:
@@ -87,7 +67,7 @@ def _run(args, out: Path, device) -> int:
         out.mkdir(parents=True, exist_ok=True)
     D.barrier()
     sources = build_sources(args.data, descriptions=args.descriptions, fix_typos=args.fix_typos, domain=args.domain)
-    model = load_model(args).to(device)
+    model = load_model_from_args(args).to(device)
     size = model.config.backbone.image_size
 
     writer = None

@@ -8,18 +8,13 @@ from pathlib import Path
 from ..config import AdapterConfig, BackboneConfig, ModelConfig
 
 
-def add_architecture_args(p: argparse.ArgumentParser, for_checkpoint: bool = False) -> None:
-    """Backbone and adapter hyper-parameters of a new model (defaults: the paper's).
-
-    ``for_checkpoint``: the flags describe an official ``.pth`` (our checkpoints carry their
-    own config); ``--clip-model``/``--clip-weights`` then default to the checkpoint's own
-    backbone and, when given, override it (e.g. a local weight file on an offline machine).
-    """
+def add_architecture_args(p: argparse.ArgumentParser) -> None:
+    """Backbone and adapter hyper-parameters of a new model (defaults: the paper's)."""
     d = AdapterConfig()
-    g = p.add_argument_group("backbone" + (" (our checkpoints: override; official .pth: describe)" if for_checkpoint else ""))
-    g.add_argument("--clip-model", default=None if for_checkpoint else "ViT-L-14-336",
+    g = p.add_argument_group("backbone")
+    g.add_argument("--clip-model", default="ViT-L-14-336",
                    help="open_clip architecture name or JSON model config (default: ViT-L-14-336)")
-    g.add_argument("--clip-weights", default=None if for_checkpoint else "openai",
+    g.add_argument("--clip-weights", default="openai",
                    help="open_clip pretrained tag (default openai), local weight file (.pt/.safetensors), "
                         "or 'none' for random")
     g.add_argument("--image-size", type=int, default=518, help="input size; position embedding resized (default: 518)")
@@ -48,9 +43,8 @@ def _ints(text):
 
 
 def model_config_from_args(args) -> ModelConfig:
-    weights = "openai" if args.clip_weights is None else args.clip_weights
-    weights = None if str(weights).lower() in ("none", "random", "") else weights
-    backbone = BackboneConfig(model=args.clip_model or "ViT-L-14-336", pretrained=weights, image_size=args.image_size,
+    weights = None if str(args.clip_weights).lower() in ("none", "random", "") else args.clip_weights
+    backbone = BackboneConfig(model=args.clip_model, pretrained=weights, image_size=args.image_size,
                               quick_gelu=args.quick_gelu)
     adapter = AdapterConfig(num_experts=args.experts, top_k=args.top_k, rank=args.rank, alpha=args.alpha,
                             lora_dropout=args.lora_dropout, moe_layers=_ints(args.moe_layers),

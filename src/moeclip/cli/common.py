@@ -1,0 +1,183 @@
+"""Flags and loaders shared by every command that runs a model (predict, calibrate, serve, export, test, ...).
+
+A model comes from one of two sources:
+
+* our checkpoint directory (``config.json`` + ``adapters.safetensors``): it records every
+  hyper-parameter, so no flag is needed; backbone flags (``--clip-model``, ``--clip-weights``,
+  ``--image-size``, ``--quick-gelu``) replace the stored values (e.g. a local weight file on an
+  offline machine) and adapter flags override stored inference-time settings (a warning says so;
+  a change that does not fit the weights is a one-line error);
+* an official ``.pth``/``.pt`` file, which holds only the adapter weights: the flags describe
+  the backbone and the adapters, defaulting to the paper's values (ViT-L-14-336 ``openai`` at
+  518 px, 4 experts, top-2, rank 8, alpha 16, FOFS and PAA on, shared seg projections).
+
+Every model flag defaults to ``None`` so that "not given" is distinguishable from "given the
+default value"; :func:`model_options` returns only the flags given, keyed by their option
+names (``clip_model``, ``experts``, ...). The same dictionary is what a deployment file stores
+to rebuild the model later (:func:`build_model`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..errors import MoECLIPError
+
+log = logging.getLogger(__name__)
+
+#: option name -> BackboneConfig field
+BACKBONE_OPTIONS = {"clip_model": "model", "clip_weights": "pretrained", "image_size": "image_size",
+                    "quick_gelu": "quick_gelu"}
+#: option name -> AdapterConfig field
+ADAPTER_OPTIONS = {"experts": "num_experts", "top_k": "top_k", "rank": "rank", "alpha": "alpha",
+                   "moe_layers": "moe_layers", "levels": "levels", "fofs": "fofs", "paa": "paa",
+                   "relu": "relu", "seg_proj": "seg_proj", "image_adapt_weight": "image_adapt_weight"}
+MODEL_OPTIONS = tuple(BACKBONE_OPTIONS) + tuple(ADAPTER_OPTIONS)
+
+OFFICIAL_SUFFIXES = (".pth", ".pt")
+
+
+def int_list(text: str) -> List[int]:
+    """``"5,11,17,23"`` -> ``[5, 11, 17, 23]`` (argparse type)."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def add_model_args(parser: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
+    """Add ``--checkpoint``, the backbone/adapter flags for official checkpoints, ``--device`` and ``--precision``."""
+    g = parser.add_argument_group("model", "our checkpoint directory, or an official .pth plus its hyper-parameters")
+    g.add_argument("--checkpoint", required=checkpoint_required, metavar="CKPT",
+                   help="checkpoint directory written by 'moeclip train' (or its config.json), "
+                        "or an official MoECLIP .pth file")
+    g.add_argument("--clip-model", metavar="NAME|JSON",
+                   help="open_clip architecture (default ViT-L-14-336) or a JSON model config")
+    g.add_argument("--clip-weights", metavar="TAG|FILE",
+                   help="open_clip pretrained tag (default openai), a local weight file, or 'none' (random)")
+    g.add_argument("--image-size", type=int, metavar="PX", help="input resolution (default 518)")
+    g.add_argument("--quick-gelu", action="store_const", const=True, default=None,
+                   help="QuickGELU activations (the released checkpoints use plain GELU)")
+    g.add_argument("--experts", type=int, metavar="E", help="LoRA experts per MoE layer (default 4)")
+    g.add_argument("--top-k", type=int, metavar="K", help="experts routed per token (default 2)")
+    g.add_argument("--rank", type=int, metavar="R", help="LoRA rank (default 8)")
+    g.add_argument("--alpha", type=float, help="LoRA alpha (default 16)")
+    g.add_argument("--moe-layers", type=int_list, metavar="I,J,..",
+                   help="0-based vision blocks followed by an MoE adapter (default: quarter points)")
+    g.add_argument("--levels", type=int_list, metavar="I,J,..",
+                   help="1-based block outputs used as feature levels (default: quarter points)")
+    g.add_argument("--no-fofs", dest="fofs", action="store_const", const=False, default=None,
+                   help="the checkpoint was trained without FOFS")
+    g.add_argument("--no-paa", dest="paa", action="store_const", const=False, default=None,
+                   help="no patch average aggregation (one map per level)")
+    g.add_argument("--relu", action="store_const", const=True, default=None,
+                   help="LeakyReLU after the seg projections")
+    g.add_argument("--seg-proj", choices=("shared", "separate"),
+                   help="one seg projection per level (shared, default) or per map (separate)")
+    g.add_argument("--image-adapt-weight", type=float, metavar="W",
+                   help="weight of the MoE output in the residual mix (default 0.1)")
+    r = parser.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+    r.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast precision (default fp32)")
+
+
+def model_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The model flags the user gave (``None`` = not given), keyed by option name."""
+    return {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name, None) is not None}
+
+
+def is_official(checkpoint: str | Path) -> bool:
+    p = Path(checkpoint)
+    return p.suffix in OFFICIAL_SUFFIXES and p.is_file()
+
+
+def _backbone_overrides(options: Dict[str, Any]) -> Dict[str, Any]:
+    out = {BACKBONE_OPTIONS[k]: v for k, v in options.items() if k in BACKBONE_OPTIONS}
+    if isinstance(out.get("pretrained"), str) and out["pretrained"].lower() == "none":
+        out["pretrained"] = None
+    return out
+
+
+def _adapter_overrides(options: Dict[str, Any]) -> Dict[str, Any]:
+    return {ADAPTER_OPTIONS[k]: v for k, v in options.items() if k in ADAPTER_OPTIONS}
+
+
+def build_model(checkpoint: str | Path, options: Optional[Dict[str, Any]] = None):
+    """Build an eval-mode :class:`~moeclip.model.MoECLIP` on the CPU from a checkpoint and option dict.
+
+    ``options`` uses the names of :data:`MODEL_OPTIONS` (what :func:`model_options` returns and a
+    deployment file stores).
+    """
+    from ..checkpoint import read_checkpoint, read_official
+    from ..config import AdapterConfig, BackboneConfig, ModelConfig
+    from ..model import MoECLIP
+
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(MODEL_OPTIONS))
+    if unknown:
+        raise MoECLIPError(f"unknown model option(s) {unknown}")
+    if checkpoint is None:
+        raise MoECLIPError("no checkpoint given (--checkpoint, or a deployment file that names one)")
+    path = Path(checkpoint)
+    backbone = _backbone_overrides(options)
+    adapter = _adapter_overrides(options)
+    if is_official(path):
+        config = ModelConfig(dataclasses.replace(BackboneConfig(), **backbone),
+                             dataclasses.replace(AdapterConfig(), **adapter))
+        state = read_official(path)["state"]
+    elif path.suffix in OFFICIAL_SUFFIXES:
+        raise MoECLIPError(f"{path}: checkpoint not found")
+    else:
+        config, state, _ = read_checkpoint(path)
+        config.backbone = dataclasses.replace(config.backbone, **backbone)
+        changed = {k: v for k, v in adapter.items() if getattr(config.adapter, k) != v}
+        if changed:
+            log.warning("%s: overriding trained hyper-parameters %s", path, changed)
+            config.adapter = dataclasses.replace(config.adapter, **changed)
+    model = MoECLIP.from_config(config)
+    model.load_adapter_state_dict(state, str(path))
+    return model.eval()
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """:func:`build_model` from parsed :func:`add_model_args` flags."""
+    return build_model(args.checkpoint, model_options(args))
+
+
+def load_detector(args: argparse.Namespace, **detector_kwargs):
+    """A :class:`~moeclip.detector.Detector` on ``--device`` at ``--precision``.
+
+    ``detector_kwargs`` go to the Detector (``domain``, ``normalization``, ``threshold``,
+    ``object``); ``domain`` defaults to ``args.domain`` when the command has that flag.
+    """
+    from ..detector import Detector
+
+    if getattr(args, "domain", None) and "domain" not in detector_kwargs:
+        detector_kwargs["domain"] = args.domain
+    model = load_model_from_args(args)
+    return Detector(model, device=getattr(args, "device", "auto"), precision=getattr(args, "precision", "fp32"),
+                    **detector_kwargs)
+
+
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    """Raise unless ``path`` is absent or ``overwrite`` is set (one-line error naming the flag)."""
+    if path.exists() and not overwrite:
+        raise MoECLIPError(f"{path} already exists (use --overwrite to replace it)")
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm on stderr, hidden when stderr is not a terminal unless forced with ``disable=False``."""
+    from tqdm import tqdm
+
+    kwargs.setdefault("disable", not sys.stderr.isatty())
+    kwargs.setdefault("file", sys.stderr)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)

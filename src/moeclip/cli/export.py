@@ -1,0 +1,76 @@
+"""``moeclip export onnx``: an ONNX model for one object (image -> anomaly map, raw image score).
+
+The object's text features are baked in, the batch size is dynamic, and the deployment
+(threshold, normalisation, pixel threshold), object and domain go into the model's metadata, so
+``moeclip predict --onnx MODEL.onnx IMAGES --out DIR`` needs nothing else. After exporting, the
+ONNX output is compared with PyTorch on random images (``--no-check`` skips this).
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import MoECLIPError
+from .common import add_model_args, model_options, refuse_existing
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="export a model (ONNX)",
+                              description="Export a model for deployment outside PyTorch.")
+    sub = p.add_subparsers(dest="export_format", metavar="FORMAT")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    o = sub.add_parser("onnx", help="ONNX model for one object",
+                       description="Export image -> (anomaly map, raw image score) for one object to ONNX.")
+    o.add_argument("--out", required=True, metavar="MODEL.onnx")
+    o.add_argument("--object", help="object description (default: the deployment's, else 'object')")
+    o.add_argument("--domain", choices=("industrial", "medical"), help="default: the deployment's, else industrial")
+    o.add_argument("--deploy", metavar="FILE", help="deployment file to embed (and its checkpoint and object)")
+    o.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto",
+                   help="torch.onnx exporter: auto (default) tries the fast TorchScript exporter, then "
+                        "dynamo (needs onnxscript)")
+    o.add_argument("--opset", type=int, help="ONNX opset (default 18 for dynamo, 17 for torchscript)")
+    o.add_argument("--routing-outputs", action="store_true",
+                   help="also output the experts chosen in every MoE layer (routing.<i>)")
+    o.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch comparison")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_model_args(o, checkpoint_required=False)
+    o.set_defaults(func=run_onnx)
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..deploy import Deployment
+    from ..export_onnx import compare_onnx, export_onnx
+
+    out = Path(args.out)
+    refuse_existing(out, args.overwrite)
+    if args.precision != "fp32":
+        raise MoECLIPError("ONNX export is fp32; drop --precision")
+    dep = Deployment.load(args.deploy) if args.deploy else None
+    if dep is not None:
+        if args.object and args.object.strip() != dep.object:
+            raise MoECLIPError(f"the deployment was calibrated for {dep.object!r}, not {args.object!r}")
+        detector = dep.detector(checkpoint=args.checkpoint, options=model_options(args), device="cpu",
+                                domain=args.domain)
+        checkpoint = args.checkpoint or dep.checkpoint
+    elif args.checkpoint:
+        from ..detector import Detector
+        from .common import load_model_from_args
+
+        detector = Detector(load_model_from_args(args), device="cpu", domain=args.domain or "industrial",
+                            object=args.object)
+        checkpoint = str(Path(args.checkpoint).resolve())
+    else:
+        raise MoECLIPError("--checkpoint is required (or --deploy FILE)")
+    path = export_onnx(detector, out, object=args.object, domain=args.domain, deployment=dep,
+                       routing_outputs=args.routing_outputs, exporter=args.exporter, opset=args.opset,
+                       checkpoint=checkpoint)
+    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if not args.no_check:
+        diffs = compare_onnx(detector, path)
+        print(f"check: max |onnx - torch| anomaly map {diffs['anomaly_map']:.2e}, image score "
+              f"{diffs['image_score']:.2e} on {diffs['batch']} random images"
+              + (f", {diffs['routing_mismatches']} routing mismatch(es)" if "routing_mismatches" in diffs else ""))
+        if diffs["anomaly_map"] > 1e-3 or diffs["image_score"] > 1e-4:
+            raise MoECLIPError(f"{path}: ONNX output differs from PyTorch ({diffs}); try --exporter torchscript")
+    return 0

@@ -1,0 +1,72 @@
+"""``moeclip serve``: the web service (JSON API + upload page) around one loaded model.
+
+There is no authentication: it listens on 127.0.0.1 by default; put it behind a reverse proxy
+with authentication before binding it to a public address.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import MoECLIPError
+from .common import add_model_args, model_options
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="web service: upload page + JSON API (POST /predict)",
+        description="Serve a model over HTTP: a page at / to upload an image and see the heat map, "
+                    "POST /predict (multipart 'image' + 'object'), GET /health, OpenAPI at /docs.")
+    p.add_argument("--deploy", metavar="FILE", help="deployment file from 'moeclip calibrate' "
+                   "(decisions, normalisation, masks; also supplies --checkpoint and the default object)")
+    p.add_argument("--object", help="default object description when a request names none")
+    p.add_argument("--domain", choices=("industrial", "medical"), help="default domain")
+    p.add_argument("--threshold", type=float, help="decision threshold (overrides --deploy)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40e6)")
+    p.add_argument("--max-display-side", type=int, default=1024,
+                   help="returned pictures are scaled to at most this many pixels per side (default 1024)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_model_args(p, checkpoint_required=False)
+    p.set_defaults(func=run)
+
+
+def build_app(args: argparse.Namespace):
+    """The FastAPI app the command would serve (also used by tests)."""
+    try:
+        from ..serve.app import create_app
+    except ImportError as exc:
+        raise MoECLIPError(f"serving needs the serve extra ({exc.name} is missing): "
+                           "pip install 'moeclip[serve]'") from None
+    from ..deploy import Deployment
+
+    dep = Deployment.load(args.deploy) if args.deploy else None
+    if dep is not None:
+        detector = dep.detector(checkpoint=args.checkpoint, options=model_options(args), device=args.device,
+                                precision=args.precision, object=args.object, domain=args.domain,
+                                threshold=args.threshold)
+    elif args.checkpoint:
+        from .common import load_detector
+
+        detector = load_detector(args, object=args.object, threshold=args.threshold)
+    else:
+        raise MoECLIPError("--checkpoint is required (or --deploy FILE)")
+    return create_app(detector, dep, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                      max_pixels=args.max_pixels, max_display_side=args.max_display_side)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise MoECLIPError("serving needs uvicorn: pip install 'moeclip[serve]'") from None
+    app = build_app(args)
+    if args.host not in _LOOPBACK:
+        print(f"warning: serving on {args.host} without authentication", file=sys.stderr)
+    print(f"serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

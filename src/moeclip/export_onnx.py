@@ -1,0 +1,346 @@
+"""ONNX export of a MoECLIP detector for one object, and a runtime that needs only onnxruntime.
+
+The exported graph maps CLIP-normalised images ``images`` (B, 3, S, S), B dynamic, to the raw
+``anomaly_map`` (B, S, S) and the raw ``image_score`` (B,): exactly ``MoECLIP.predict`` for the
+object description chosen at export time, whose text features are baked in as a constant
+(the text tower is not exported). Top-k routing is exported as ``topk`` + ``scatter`` and so is
+exact, not a soft approximation; ``routing_outputs=True`` adds the chosen experts of every MoE
+layer (``routing.<i>``, (B, tokens, k)) as outputs so that this can be checked.
+
+kornia's Gaussian blur is replaced by the same separable kernel applied as two fixed
+convolutions with reflect padding (identical numbers, and no dependence on how a kornia
+version traces).
+
+Object, domain, image size, number of maps and the deployment (threshold, normalisation, pixel
+threshold) are stored in the model's metadata (``moeclip.*`` keys), so that
+:class:`OnnxDetector` turns an image file into the same ``results.jsonl`` line as the PyTorch
+path without a deployment file. Importing this module does not import torch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .deploy import Deployment, final_score, resize_map
+from .errors import MoECLIPError
+
+META_PREFIX = "moeclip."
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("anomaly_map", "image_score")
+EXPORTERS = ("auto", "torchscript", "dynamo")
+
+# CLIP normalisation (as moeclip.data.transforms, repeated here to stay torch-free)
+CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
+CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------- export (torch)
+def _export_module(model, text, domain: str, routing_outputs: bool):
+    """The nn.Module that is exported: image batch -> (map, score[, routing indices])."""
+    import torch
+    import torch.nn.functional as F
+    from kornia.filters import get_gaussian_kernel1d
+    from torch import nn
+
+    from .scoring import Domain, image_score, patch_anomaly
+
+    class AnomalyExport(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            k, sigma = Domain.parse(domain).blur
+            self.register_buffer("text", text.detach().clone().float())
+            self.register_buffer("kernel", get_gaussian_kernel1d(k, sigma)[0].float())
+            self.routing_outputs = routing_outputs
+
+        def blur(self, g: torch.Tensor) -> torch.Tensor:
+            """kornia ``gaussian_blur2d`` (separable, reflect border) as two fixed convolutions."""
+            p = self.kernel.numel() // 2
+            g = F.conv2d(F.pad(g, (p, p, 0, 0), mode="reflect"), self.kernel.view(1, 1, 1, -1))
+            return F.conv2d(F.pad(g, (0, 0, p, p), mode="reflect"), self.kernel.view(1, 1, -1, 1))
+
+        def forward(self, images: torch.Tensor):
+            out = self.model.encode_image(images, compute_losses=False)
+            total = sum(patch_anomaly(f, self.text) for f in out.seg_features)
+            g = self.blur(total.reshape(total.shape[0], 1, *out.grid))
+            g = F.interpolate(g, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=True)[:, 0]
+            outputs = (g, image_score(out.det_feature, self.text))
+            if self.routing_outputs:
+                outputs = outputs + tuple(r.indices for r in out.routing)
+            return outputs
+
+    return AnomalyExport().eval()
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    """The fused attention kernel has no ONNX symbolic; export the plain attention ops instead."""
+    import torch
+
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "get_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+def _has_onnxscript() -> bool:
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+        return True
+    except ImportError:
+        return False
+
+
+def _export(model, path: Path, obj: str, dom: str, size: int, routing_outputs: bool, exporter: str,
+            opset: Optional[int]) -> str:
+    """Write the graph to ``path``; returns the exporter used.
+
+    ``auto`` tries the TorchScript exporter first (seconds instead of minutes for ViT-L, and
+    equally exact here) and falls back to the dynamo exporter where the former is gone.
+    """
+    import torch
+
+    if exporter not in EXPORTERS:
+        raise MoECLIPError(f"unknown exporter {exporter!r} (use {', '.join(EXPORTERS)})")
+    with torch.no_grad():
+        text = model.text_features(obj)
+    module = _export_module(model, text, dom, routing_outputs)
+    names = list(OUTPUT_NAMES) + ([f"routing.{i}" for i in range(len(model.moe))] if routing_outputs else [])
+    example = torch.zeros(2, 3, size, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def dynamo() -> str:
+        if not _has_onnxscript():
+            raise MoECLIPError("the dynamo ONNX exporter needs onnxscript: pip install onnxscript")
+        torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=names,
+                          dynamo=True, opset_version=opset or 18, optimize=False, verbose=False,
+                          dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}}, external_data=False)
+        return "dynamo"
+
+    def torchscript() -> str:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation + constant-folding notes
+            torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=names,
+                              dynamo=False, opset_version=opset or 17,
+                              dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME, *names]})
+        return "torchscript"
+
+    with torch.no_grad(), _no_mha_fastpath():
+        if exporter == "dynamo":
+            return dynamo()
+        if exporter == "torchscript":
+            return torchscript()
+        try:
+            return torchscript()
+        except Exception as exc:  # the legacy exporter is deprecated and may be missing
+            if not _has_onnxscript():
+                raise
+            import logging
+
+            logging.getLogger(__name__).warning("TorchScript ONNX export failed (%s); using the dynamo exporter",
+                                                str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return dynamo()
+
+
+def export_onnx(detector, path: str | Path, object: Optional[str] = None, domain: Optional[str] = None,
+                deployment: Optional[Deployment] = None, routing_outputs: bool = False,
+                exporter: str = "auto", opset: Optional[int] = None, checkpoint: Optional[str] = None) -> Path:
+    """Export ``detector`` (a :class:`~moeclip.detector.Detector`) for one object to ``path``.
+
+    ``object``/``domain`` default to the deployment's, then the detector's. The deployment's
+    threshold, pixel threshold and normalisation go into the metadata.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise MoECLIPError("ONNX export needs the onnx package: pip install 'moeclip[onnx]'") from None
+    from .prompts import GENERIC_OBJECT
+
+    dep = deployment
+    path = Path(path)
+    obj = object or (dep.object if dep else None) or detector.object or GENERIC_OBJECT
+    dom = domain or (dep.domain if dep else None) or detector.domain.value
+    if dep is not None and obj != dep.object:
+        import logging
+
+        logging.getLogger(__name__).warning("exporting for %r with a deployment calibrated for %r", obj, dep.object)
+    model = detector.model
+    device = next(model.parameters()).device
+    model.cpu().eval()  # exported on the CPU in fp32; moved back afterwards
+    size = int(detector.image_size)
+    try:
+        used = _export(model, path, obj, dom, size, routing_outputs, exporter, opset)
+    finally:
+        model.to(device)
+    meta = {
+        "format": "moeclip-onnx", "version": __version__, "object": obj, "domain": dom,
+        "image_size": str(size), "num_maps": str(model.adapter_config.num_maps),
+        "exporter": used,
+        "checkpoint": str(checkpoint or (dep.checkpoint if dep else "") or ""),
+    }
+    if dep is not None:
+        meta["deployment"] = json.dumps(dep.to_dict())
+    elif detector.threshold is not None or detector.normalization is not None:
+        n = detector.normalization
+        meta["deployment"] = json.dumps(Deployment(
+            object=obj, domain=dom, threshold=detector.threshold,
+            normalization=None if n is None else {"map_min": n.map_min, "map_max": n.map_max,
+                                                  "score_min": n.score_min, "score_max": n.score_max},
+        ).to_dict())
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_PREFIX + key, value
+    proto.producer_name = "moeclip"
+    onnx.save(proto, str(path))
+    return path
+
+
+def compare_onnx(detector, path: str | Path, images=None, object: Optional[str] = None,
+                 seed: int = 0) -> Dict[str, Any]:
+    """Max absolute differences between onnxruntime and PyTorch on ``images`` (default: 3 random).
+
+    ``images`` are preprocessed (B, 3, S, S) tensors or arrays. With routing outputs in the
+    model, ``routing_mismatches`` counts tokens whose chosen experts differ.
+    """
+    import torch
+
+    runner = OnnxDetector(path)
+    size = runner.image_size
+    if images is None:
+        g = torch.Generator().manual_seed(seed)
+        images = torch.randn(3, 3, size, size, generator=g)
+    images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    onnx_out = runner.run(images.numpy())
+    device = next(detector.model.parameters()).device
+    with torch.no_grad():
+        text = detector.model.text_features(object or runner.object).to(device)
+        ref = detector.model.predict(images.to(device), text, runner.domain)
+    diffs: Dict[str, Any] = {
+        "batch": int(images.shape[0]),
+        "anomaly_map": float(np.abs(onnx_out["anomaly_map"] - ref["anomaly_map"].float().cpu().numpy()).max()),
+        "image_score": float(np.abs(onnx_out["image_score"] - ref["image_score"].float().cpu().numpy()).max()),
+    }
+    routed = [k for k in onnx_out if k.startswith("routing.")]
+    if routed:
+        diffs["routing_mismatches"] = int(sum(
+            (onnx_out[f"routing.{i}"] != r.indices.cpu().numpy()).any(-1).sum()
+            for i, r in enumerate(ref["vision"].routing)))
+    return diffs
+
+
+# ---------------------------------------------------------------------------- runtime (numpy + onnxruntime)
+def preprocess(image: Image.Image, size: int) -> np.ndarray:
+    """The official preprocessing in numpy: PIL bicubic resize to SxS, /255, CLIP normalise -> (3, S, S).
+
+    Equal to :func:`moeclip.data.transforms.preprocess_image` (torchvision resizes PIL images
+    with PIL itself).
+    """
+    img = image if image.mode == "RGB" else image.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    a = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    a = (a - CLIP_MEAN) / CLIP_STD
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+@dataclass
+class OnnxPrediction:
+    """Same fields as :class:`moeclip.detector.Prediction`."""
+
+    anomaly_map: np.ndarray
+    raw_score: float
+    map_max: float
+    score: float
+    object: str
+    domain: str
+    path: Optional[str] = None
+    decision: Optional[bool] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def read_metadata(path: str | Path) -> Dict[str, str]:
+    """The ``moeclip.*`` metadata of an exported model (prefix stripped)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
+
+
+class OnnxDetector:
+    """Scores images with an exported model: onnxruntime + numpy, no PyTorch model.
+
+    ``deployment`` (or the one stored at export) supplies threshold and normalisation;
+    ``threshold``/``pixel_threshold`` override them.
+    """
+
+    def __init__(self, path: str | Path, deployment: Optional[Deployment] = None,
+                 threshold: Optional[float] = None, pixel_threshold: Optional[float] = None,
+                 providers: Optional[Sequence[str]] = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MoECLIPError("running an ONNX model needs onnxruntime: pip install 'moeclip[onnx]'") from None
+        path = Path(path)
+        if not path.is_file():
+            raise MoECLIPError(f"{path}: ONNX model not found")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise MoECLIPError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        meta = {k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
+        if meta.get("format") != "moeclip-onnx":
+            raise MoECLIPError(f"{path}: not exported by 'moeclip export onnx' (no moeclip metadata)")
+        self.path = path
+        self.metadata = meta
+        self.object = meta["object"]
+        self.domain = meta["domain"]
+        self.image_size = int(meta["image_size"])
+        self.num_maps = int(meta["num_maps"])
+        stored = Deployment.from_dict(json.loads(meta["deployment"]), f"{path} metadata") if "deployment" in meta else None
+        dep = deployment or stored
+        if deployment is not None and deployment.object != self.object:
+            raise MoECLIPError(f"the deployment is for {deployment.object!r} but {path} was exported for "
+                               f"{self.object!r}; export again with that deployment")
+        self.normalization = dep.normalization if dep else None
+        self.threshold = threshold if threshold is not None else (dep.threshold if dep else None)
+        self.pixel_threshold = pixel_threshold if pixel_threshold is not None else (dep.pixel_threshold if dep else None)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
+        """Preprocessed (B, 3, S, S) float32 -> every output of the graph by name."""
+        outs = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+        return dict(zip(self.output_names, outs))
+
+    def predict(self, images: Sequence[Image.Image], batch_size: int = 8) -> List[OnnxPrediction]:
+        """Score RGB PIL images; maps come back at each image's own size."""
+        results: List[OnnxPrediction] = []
+        images = list(images)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            out = self.run(np.stack([preprocess(img, self.image_size) for img in chunk]))
+            for img, amap, raw in zip(chunk, out["anomaly_map"], out["image_score"]):
+                mmax = float(amap.max())
+                score = final_score(mmax, float(raw), self.domain, self.normalization, self.num_maps)
+                decision = None if self.threshold is None else bool(score >= self.threshold)
+                full = resize_map(amap, (img.height, img.width))
+                results.append(OnnxPrediction(full, float(raw), mmax, score, self.object, self.domain,
+                                              decision=decision))
+        return results

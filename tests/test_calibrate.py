@@ -1,0 +1,178 @@
+"""``moeclip calibrate`` and the deployment file: threshold rules, normalisation, use by predict."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moeclip.checkpoint import save_checkpoint
+from moeclip.cli import main
+from moeclip.config import AdapterConfig, BackboneConfig, ModelConfig
+from moeclip.deploy import (Deployment, f1_threshold, final_score, fit_normalization, fpr_threshold,
+                            load_detector, rates, resize_map)
+from moeclip.errors import MoECLIPError
+from moeclip.model import MoECLIP
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_clip_config, tmp_path_factory) -> Path:
+    """A tiny random checkpoint whose experts and routers are non-trivial."""
+    torch.manual_seed(1)
+    model = MoECLIP.from_config(ModelConfig(BackboneConfig(model=str(tiny_clip_config), pretrained=None,
+                                                           image_size=64), AdapterConfig()))
+    with torch.no_grad():
+        for moe in model.moe:
+            moe.experts.lora_B.normal_(0, 0.05)
+            moe.router.gate.weight.normal_(0, 0.5)
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", include_backbone=True)
+
+
+def noise_image(path: Path, seed: int, size=(48, 48), blob: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(90, 140, (*size, 3), dtype=np.uint8)
+    if blob:
+        a[10:22, 12:30] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """An MVTec-style folder: nut/test/good (6), nut/test/scratch (4) with masks."""
+    root = tmp_path_factory.mktemp("data") / "mine"
+    for i in range(6):
+        noise_image(root / "nut" / "test" / "good" / f"{i:03d}.png", i)
+    for i in range(4):
+        noise_image(root / "nut" / "test" / "scratch" / f"{i:03d}.png", 100 + i, blob=True)
+        m = np.zeros((48, 48), dtype=np.uint8)
+        m[10:22, 12:30] = 255
+        (root / "nut" / "ground_truth" / "scratch").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(m).save(root / "nut" / "ground_truth" / "scratch" / f"{i:03d}_mask.png")
+    return root
+
+
+# ---------------------------------------------------------------------------- threshold rules
+def test_fpr_threshold_is_the_most_sensitive_meeting_the_bound():
+    rng = np.random.default_rng(0)
+    normals = rng.normal(size=200)
+    for max_fpr in (0.0, 0.01, 0.05, 0.2):
+        t = fpr_threshold(normals, max_fpr)
+        assert np.mean(normals >= t) <= max_fpr
+        below = np.max(normals[normals < t])  # any lower threshold flags one more normal
+        assert np.mean(normals >= below) > max_fpr
+    assert fpr_threshold([0.3, 0.3, 0.3], 0.0) > 0.3
+    with pytest.raises(MoECLIPError):
+        fpr_threshold([], 0.01)
+
+
+def test_f1_threshold_matches_brute_force():
+    rng = np.random.default_rng(1)
+    scores = np.round(rng.random(300), 2)  # many ties
+    labels = (rng.random(300) < scores).astype(int)
+    t, f1 = f1_threshold(scores, labels)
+    brute = max((rates(scores, labels, c)["f1"], c) for c in np.unique(scores))
+    assert f1 == pytest.approx(brute[0]) and rates(scores, labels, t)["f1"] == pytest.approx(f1)
+    with pytest.raises(MoECLIPError, match="both normal and anomalous"):
+        f1_threshold([0.1, 0.2], [0, 0])
+
+
+def test_normalization_headroom():
+    n = fit_normalization(1.0, 3.0, 0.4, 0.6, headroom=1.0)
+    assert n == pytest.approx({"map_min": 1.0, "map_max": 5.0, "score_min": 0.4, "score_max": 0.8})
+
+
+def test_numpy_scores_equal_detector(tiny_ckpt):
+    from moeclip.cli.common import build_model
+    from moeclip.detector import Detector, Normalization
+
+    norm = {"map_min": -3.0, "map_max": 30.0, "score_min": 0.4, "score_max": 0.6}
+    for normalization in (None, norm):
+        det = Detector(build_model(tiny_ckpt), device="cpu",
+                       normalization=None if normalization is None else Normalization(**normalization))
+        for domain in ("industrial", "medical"):
+            for mmax, raw in [(12.3, 0.51), (-5.0, 0.3), (40.0, 0.7)]:
+                assert final_score(mmax, raw, domain, normalization, det.num_maps) == \
+                    det.score_from(mmax, raw, det.domain.parse(domain))
+
+
+def test_resize_map_equals_torch():
+    import torch.nn.functional as F
+
+    a = np.random.default_rng(0).normal(size=(9, 7)).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(a)[None, None], size=(31, 20), mode="bilinear", align_corners=True)[0, 0]
+    np.testing.assert_allclose(resize_map(a, (31, 20)), ref.numpy(), atol=1e-5)
+
+
+def test_deployment_file_errors(tmp_path):
+    bad = tmp_path / "d.json"
+    bad.write_text("{not json")
+    with pytest.raises(MoECLIPError, match="invalid JSON"):
+        Deployment.load(bad)
+    bad.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(MoECLIPError, match="not a moeclip deployment"):
+        Deployment.load(bad)
+    bad.write_text(json.dumps({"format": "moeclip-deploy", "version": 1, "object": "nut", "domain": "space"}))
+    with pytest.raises(MoECLIPError, match="domain"):
+        Deployment.load(bad)
+    with pytest.raises(MoECLIPError, match="not found"):
+        Deployment.load(tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------------------- the command
+def test_calibrate_normal_then_predict(tiny_ckpt, dataset, tmp_path):
+    normals = dataset / "nut" / "test" / "good"
+    dep_path = tmp_path / "deploy.json"
+    assert main(["calibrate", "--checkpoint", str(tiny_ckpt), "--device", "cpu", "--object", "hex nut",
+                 "--normal", str(normals), "--max-fpr", "0.34", "--out", str(dep_path)]) == 0
+    dep = Deployment.load(dep_path)
+    assert dep.object == "hex nut" and dep.domain == "industrial"
+    assert dep.checkpoint == str(Path(tiny_ckpt).resolve())
+    assert dep.calibration["criterion"] == "fpr" and dep.calibration["num_normal"] == 6
+    assert set(dep.normalization) == {"map_min", "map_max", "score_min", "score_max"}
+    obs = dep.calibration["observed"]
+    assert dep.normalization["map_max"] == pytest.approx(2 * obs["map_max"] - obs["map_min"])  # headroom 1
+
+    det = load_detector(dep_path, device="cpu")
+    assert det.threshold == dep.threshold and det.object == "hex nut"
+    assert det.normalization.map_max == dep.normalization["map_max"]
+
+    out = tmp_path / "pred"
+    assert main(["predict", "--deploy", str(dep_path), "--device", "cpu", str(normals), "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert all(r["object"] == "hex nut" and r["object_source"] == "deploy" for r in rows)
+    flagged = sum(r["decision"] for r in rows)
+    assert flagged == 2  # floor(0.34 * 6) normals may be flagged; the most sensitive threshold flags exactly that
+    for r in rows:
+        mask = np.asarray(Image.open(out / r["mask"]))
+        amap = np.load(out / r["map"])
+        assert set(np.unique(mask)) <= {0, 255}
+        np.testing.assert_array_equal(mask == 255, amap >= dep.pixel_threshold)
+
+    # again: refuses to replace the deployment file without --overwrite
+    assert main(["calibrate", "--checkpoint", str(tiny_ckpt), "--device", "cpu",
+                 "--normal", str(normals), "--out", str(dep_path)]) == 2
+
+
+def test_calibrate_labelled_data_f1(tiny_ckpt, dataset, tmp_path, capsys):
+    dep_path = tmp_path / "deploy.json"
+    assert main(["calibrate", "--checkpoint", str(tiny_ckpt), "--device", "cpu",
+                 "--data", f"folder={dataset}", "--out", str(dep_path)]) == 0
+    dep = Deployment.load(dep_path)
+    cal = dep.calibration
+    assert dep.object == "nut"  # the class name, no official description for a custom folder
+    assert cal["criterion"] == "f1" and cal["pixel_criterion"] == "f1"
+    assert (cal["num_normal"], cal["num_anomalous"]) == (6, 4)
+    obs = cal["observed"]
+    assert dep.normalization == pytest.approx(obs)  # no headroom with labelled data
+    # the stored F1 is the best any threshold reaches on these scores
+    assert 0.0 < cal["image"]["f1"] <= 1.0
+
+    # an F1 rule needs anomalies
+    assert main(["calibrate", "--checkpoint", str(tiny_ckpt), "--device", "cpu", "--criterion", "f1",
+                 "--normal", str(dataset / "nut" / "test" / "good"), "--out", str(tmp_path / "x.json")]) == 2
+    assert "labelled --data" in capsys.readouterr().err

@@ -1,0 +1,271 @@
+"""The web service: good and bad uploads, limits, concurrency, the page in a real browser."""
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import socket
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from moeclip.checkpoint import save_checkpoint  # noqa: E402
+from moeclip.config import AdapterConfig, BackboneConfig, ModelConfig  # noqa: E402
+from moeclip.deploy import Deployment  # noqa: E402
+from moeclip.model import MoECLIP  # noqa: E402
+from moeclip.serve import create_app  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_clip_config, tmp_path_factory) -> Path:
+    """A tiny random checkpoint whose experts and routers are non-trivial."""
+    torch.manual_seed(2)
+    model = MoECLIP.from_config(ModelConfig(BackboneConfig(model=str(tiny_clip_config), pretrained=None,
+                                                           image_size=64), AdapterConfig()))
+    with torch.no_grad():
+        for moe in model.moe:
+            moe.experts.lora_B.normal_(0, 0.05)
+            moe.router.gate.weight.normal_(0, 0.5)
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", include_backbone=True)
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_ckpt) -> Deployment:
+    return Deployment(object="metal nut", threshold=0.5, pixel_threshold=10.0, checkpoint=str(tiny_ckpt),
+                      normalization={"map_min": -10.0, "map_max": 40.0, "score_min": 0.4, "score_max": 0.6})
+
+
+@pytest.fixture(scope="module")
+def detector(deployment):
+    return deployment.detector(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(detector, deployment):
+    app = create_app(detector, deployment, max_upload_bytes=200_000, max_pixels=1_000_000,
+                     max_display_side=64)
+    with TestClient(app) as c:
+        yield c
+
+
+def png(h=48, w=80, seed=0, fmt="PNG") -> bytes:
+    a = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims ``width`` x ``height`` (a decompression-bomb header)."""
+    data = bytearray(png(1, 1))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def decode_data_url(url: str) -> Image.Image:
+    assert url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def post(client, data: bytes, ctype="image/png", **fields):
+    return client.post("/predict", files={"image": ("x.png", data, ctype)}, data=fields)
+
+
+# ---------------------------------------------------------------------------- good requests
+def test_health_page_and_schema(client):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["object"] == "metal nut" and h["threshold"] == 0.5
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'id="image"' in page.text and 'id="object"' in page.text and 'id="score"' in page.text
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in body
+
+
+def test_predict_matches_detector(client, detector):
+    data = png(48, 80)
+    r = post(client, data, object="hex nut")
+    assert r.status_code == 200, r.text
+    j = r.json()
+    ref = detector.predict([Image.open(io.BytesIO(data)).convert("RGB")], object="hex nut")[0]
+    assert j["score"] == pytest.approx(ref.score, abs=1e-6) and j["raw_score"] == pytest.approx(ref.raw_score, abs=1e-6)
+    assert j["decision"] == (ref.score >= 0.5) and j["threshold"] == 0.5
+    assert (j["object"], j["object_source"], j["domain"]) == ("hex nut", "form", "industrial")
+    assert (j["width"], j["height"]) == (80, 48)
+    assert decode_data_url(j["overlay"]).size == (64, 38)  # scaled to max_display_side
+    assert decode_data_url(j["heatmap"]).size == (64, 38)
+    assert decode_data_url(j["mask"]).mode == "L"
+
+
+def test_default_object_jpeg_and_medical(client):
+    r = post(client, png(fmt="JPEG"), ctype="image/jpeg", domain="medical")
+    assert r.status_code == 200, r.text
+    assert (r.json()["object"], r.json()["object_source"], r.json()["domain"]) == ("metal nut", "default", "medical")
+
+
+# ---------------------------------------------------------------------------- bad requests
+@pytest.mark.parametrize("case, status, code", [
+    ("missing", 422, "invalid_request"),
+    ("text", 415, "unsupported_media_type"),
+    ("corrupt", 422, "invalid_image"),
+    ("gif", 415, "unsupported_image"),
+    ("empty", 422, "empty_file"),
+    ("large_file", 413, "file_too_large"),
+    ("many_pixels", 413, "too_many_pixels"),
+    ("bomb", 413, "too_many_pixels"),
+    ("domain", 422, "invalid_domain"),
+    ("object", 422, "invalid_object"),
+])
+def test_bad_uploads(client, case, status, code):
+    if case == "missing":
+        r = client.post("/predict", data={"object": "nut"})
+    elif case == "text":
+        r = post(client, b"hello", ctype="text/plain")
+    elif case == "corrupt":
+        r = post(client, png()[:60])
+    elif case == "gif":
+        r = post(client, png(fmt="GIF"))  # labelled PNG, decoded as GIF: not an accepted decoder
+    elif case == "empty":
+        r = post(client, b"")
+    elif case == "large_file":
+        r = post(client, np.random.default_rng(0).bytes(300_000))
+    elif case == "many_pixels":
+        r = post(client, png_with_size(2000, 1000))  # 2 Mpx > the app's 1 Mpx limit
+    elif case == "bomb":
+        r = post(client, png_with_size(60000, 60000))  # beyond Pillow's own limit
+    elif case == "domain":
+        r = post(client, png(), domain="space")
+    else:
+        r = post(client, png(), object="x" * 500)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == code and r.json()["detail"]
+
+
+def test_content_length_checked_before_parsing(client):
+    r = client.post("/predict", content=b"x" * 10, headers={"content-length": "99999999",
+                                                            "content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and r.json()["error"] == "file_too_large"
+
+
+def test_chunked_upload_refused(client):
+    def body():
+        yield b"--b\r\n"
+
+    r = client.post("/predict", content=body(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 411 and r.json()["error"] == "length_required"
+
+
+def test_serve_command_builds_app_from_deploy(deployment, tmp_path):
+    """``moeclip serve --deploy F`` (without starting uvicorn): checkpoint, object, threshold from the file."""
+    import argparse
+
+    from moeclip.cli import serve
+
+    path = deployment.save(tmp_path / "deploy.json")
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--deploy", str(path), "--device", "cpu", "--max-upload-mb", "0.01"])
+    with TestClient(serve.build_app(args)) as c:
+        h = c.get("/health").json()
+        assert (h["object"], h["threshold"], h["pixel_threshold"]) == ("metal nut", 0.5, 10.0)
+        assert h["max_upload_bytes"] == 10485
+        assert post(c, png(100, 100)).status_code == 413
+
+
+def test_concurrent_requests_are_serialised(client, detector):
+    active, peak = [0], [0]
+    guard = threading.Lock()
+    original = detector.predict
+
+    def spy(*args, **kwargs):
+        with guard:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.02)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    detector.predict = spy
+    try:
+        data = png(seed=5)
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda o: post(client, data, object=o), ["nut", "bolt", "nut", "bolt"]))
+    finally:
+        del detector.predict
+    assert all(r.status_code == 200 for r in results)
+    assert results[0].json()["score"] == results[2].json()["score"]
+    assert peak[0] == 1
+
+
+# ---------------------------------------------------------------------------- browser
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_page_in_browser(detector, deployment, tmp_path):
+    """Upload an image on the page, read the score, take a screenshot (needs chromium + playwright)."""
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    uvicorn = pytest.importorskip("uvicorn")
+
+    app = create_app(detector, deployment)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 20
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.started, "uvicorn did not start"
+        image = tmp_path / "part.png"
+        image.write_bytes(png(60, 90, seed=3))
+        expected = TestClient(app).post("/predict", files={"image": ("part.png", image.read_bytes(), "image/png")},
+                                        data={"object": "metal nut"}).json()
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+                                        args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{port}/", timeout=20_000)
+                page.set_input_files("#image", str(image))
+                page.fill("#object", "metal nut")
+                page.click("#submit")
+                page.wait_for_selector("#result:not([hidden])", timeout=20_000)
+                score = page.text_content("#score")
+                assert float(score) == pytest.approx(expected["score"], abs=1e-4)
+                assert page.get_attribute("#overlay", "src").startswith("data:image/png;base64,")
+                assert page.text_content("#decision") in ("normal", "anomalous")
+                shot = tmp_path / "page.png"
+                page.screenshot(path=str(shot), full_page=True)
+                assert shot.stat().st_size > 0
+            finally:
+                browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
