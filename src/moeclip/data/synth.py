@@ -77,8 +77,9 @@ RngLike = Union[np.random.Generator, int]
 class _Canvas:
     """Pixel-centre coordinates shared by all renderers of one image size."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, defect_scale: float = 1.0):
         self.size = size
+        self.defect_scale = defect_scale  # defects' dimensions are drawn for an image this much larger
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
         self.yy, self.xx = yy + 0.5, xx + 0.5
 
@@ -497,7 +498,7 @@ def _stroke_mask(base, cv, dist, width):
 
 
 def _defect_scratch(rng, base, cv):
-    size = cv.size
+    size = cv.size * cv.defect_scale
     x0, y0 = _pick(rng, base.interior)
     theta = rng.uniform(0, 2 * math.pi)
     length = size * rng.uniform(0.2, 0.55)
@@ -518,7 +519,7 @@ def _defect_scratch(rng, base, cv):
 
 
 def _defect_crack(rng, base, cv):
-    size = cv.size
+    size = cv.size * cv.defect_scale
     step = size * rng.uniform(0.025, 0.04)
 
     def walk(x, y, theta, n):
@@ -548,7 +549,7 @@ def _defect_crack(rng, base, cv):
 
 
 def _defect_hole(rng, base, cv):
-    size = cv.size
+    size = cv.size * cv.defect_scale
     cx, cy = _pick(rng, base.interior)
     u, v = _rotated(cv, rng.uniform(0, math.pi), cx, cy)
     rx, ry = size * rng.uniform(0.035, 0.09), size * rng.uniform(0.035, 0.09)
@@ -578,7 +579,7 @@ def _blob_field(rng, cv, cx, cy, rx, ry, rough):
 
 
 def _defect_stain(rng, base, cv):
-    size = cv.size
+    size = cv.size * cv.defect_scale
     cx, cy = _pick(rng, base.interior)
     rx, ry = size * rng.uniform(0.07, 0.17), size * rng.uniform(0.07, 0.17)
     field = _blob_field(rng, cv, cx, cy, rx, ry, rough=rng.uniform(0.5, 1.5))
@@ -594,9 +595,9 @@ def _defect_stain(rng, base, cv):
 
 
 def _defect_spot(rng, base, cv):
-    size = cv.size
+    size = cv.size * cv.defect_scale
     cx, cy = _pick(rng, base.interior)
-    field = np.full((size, size), -1e3, np.float32)
+    field = np.full((cv.size, cv.size), -1e3, np.float32)
     spread = size * rng.uniform(0.0, 0.12)
     for _ in range(int(rng.integers(1, 5))):
         x, y = cx + rng.normal(0, spread + 1e-3), cy + rng.normal(0, spread + 1e-3)
@@ -634,9 +635,9 @@ _DEFECTS: Dict[str, Callable] = {
 }
 
 
-def _apply_defect(rng, base: _Base, defect: str, size: int):
+def _apply_defect(rng, base: _Base, defect: str, size: int, defect_scale: float = 1.0):
     """Paint ``defect`` on ``base``; retry a few draws until it is clearly visible."""
-    cv = _Canvas(size)
+    cv = _Canvas(size, defect_scale)
     clean = base.render()
     min_px = max(4, int(size * size * 0.002))
     best = None
@@ -701,7 +702,8 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def draw_pair(family: str, rng: RngLike, size: int = 96, defect: Optional[str] = "random"):
+def draw_pair(family: str, rng: RngLike, size: int = 96, defect: Optional[str] = "random",
+              defect_scale: float = 1.0):
     """The same base drawn clean and with a defect: ``(clean, defective, mask, defect_type)``.
 
     With the same seed, ``defective`` equals ``draw_sample(..., defect=defect)[0]``.
@@ -715,22 +717,23 @@ def draw_pair(family: str, rng: RngLike, size: int = 96, defect: Optional[str] =
     if kind is None:
         img8 = _to_uint8(clean)
         return img8, img8.copy(), np.zeros((size, size), bool), "good"
-    img, mask = _apply_defect(rng, base, kind, size)
+    img, mask = _apply_defect(rng, base, kind, size, defect_scale)
     return _to_uint8(clean), _to_uint8(img), mask, kind
 
 
-def draw_sample(family: str, rng: RngLike, size: int = 96, defect: Optional[str] = None):
+def draw_sample(family: str, rng: RngLike, size: int = 96, defect: Optional[str] = None,
+                defect_scale: float = 1.0):
     """One in-memory sample: ``(image uint8 HxWx3, mask bool HxW, defect_type)``.
 
     ``defect``: None (or "good") for a normal image, "random" for a random applicable
     defect type, or a name from ``defects_for(family)``. Deterministic for a seed.
     """
-    _, img, mask, kind = draw_pair(family, rng, size, defect)
+    _, img, mask, kind = draw_pair(family, rng, size, defect, defect_scale)
     return img, mask, kind
 
 
 def draw_batch(families: Sequence[str], rng: RngLike, n: int, size: int = 96,
-               anomaly_rate: float = 0.5):
+               anomaly_rate: float = 0.5, defect_scale: float = 1.0):
     """``n`` samples from random families (for training straight from memory).
 
     Returns ``(images N×H×W×3 uint8, masks N×H×W bool, labels N int64, defect_types list)``.
@@ -743,7 +746,7 @@ def draw_batch(families: Sequence[str], rng: RngLike, n: int, size: int = 96,
     for i in range(n):
         family = families[int(rng.integers(len(families)))]
         defect = "random" if rng.random() < anomaly_rate else None
-        images[i], masks[i], kind = draw_sample(family, rng, size, defect)
+        images[i], masks[i], kind = draw_sample(family, rng, size, defect, defect_scale)
         labels[i] = kind != "good"
         kinds.append(kind)
     return images, masks, labels, kinds
@@ -804,7 +807,7 @@ def _prepare_out_dir(out: Path, categories: Sequence[str], overwrite: bool) -> N
 
 def generate_dataset(out_dir, categories=None, n_normal: int = 10, n_anomalous: int = 12,
                      image_size: int = 96, seed: int = 0, overwrite: bool = False,
-                     n_train: int = 0) -> dict:
+                     n_train: int = 0, defect_scale: float = 1.0) -> dict:
     """Write a synthetic MVTec-style dataset and return a summary with per-category counts.
 
     Anomalous images cycle through the family's defect types (in a seeded order), so every
@@ -837,7 +840,7 @@ def generate_dataset(out_dir, categories=None, n_normal: int = 10, n_anomalous: 
         tally: Dict[str, int] = {}
         for split, kind, i in plan:
             rng = np.random.default_rng(_seed_for(seed, cat, f"{split}/{'good' if kind == 'good' else 'bad'}", i))
-            img, mask, _ = draw_sample(cat, rng, image_size, None if kind == "good" else kind)
+            img, mask, _ = draw_sample(cat, rng, image_size, None if kind == "good" else kind, defect_scale)
             key = "train_good" if split == "train" else kind
             num = tally.get(key, 0)
             tally[key] = num + 1
@@ -855,7 +858,7 @@ def generate_dataset(out_dir, categories=None, n_normal: int = 10, n_anomalous: 
         "generator": "moeclip.data.synth", "generator_version": GENERATOR_VERSION,
         "moeclip_version": __version__, "seed": int(seed), "image_size": int(image_size),
         "n_normal": int(n_normal), "n_anomalous": int(n_anomalous), "n_train": int(n_train),
-        "categories": names,
+        "defect_scale": float(defect_scale), "categories": names,
         "train_categories": [c for c in names if c in DEFAULT_TRAIN_CATEGORIES],
         "heldout_categories": [c for c in names if c in DEFAULT_HELDOUT_CATEGORIES],
         "defect_types": list(DEFECT_TYPES), "counts": counts,
@@ -881,6 +884,8 @@ def add_synth_arguments(parser) -> None:
                         help="also write N train/good images per category (default 0)")
     parser.add_argument("--size", type=int, default=96, metavar="PX", help="image side in pixels (default 96)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--defect-scale", type=float, default=1.0,
+                        help="draw defects this many times larger relative to the image (default 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty folder, replacing generated categories")
 
@@ -889,7 +894,8 @@ def run_synth(args) -> int:
     """Generate the dataset from parsed flags and print a per-category table."""
     summary = generate_dataset(args.out, categories=args.categories, n_normal=args.normal,
                                n_anomalous=args.anomalous, image_size=args.size, seed=args.seed,
-                               overwrite=args.overwrite, n_train=getattr(args, "train_normal", 0))
+                               overwrite=args.overwrite, n_train=getattr(args, "train_normal", 0),
+                               defect_scale=getattr(args, "defect_scale", 1.0))
     counts = summary["counts"]
     cols = [c for c in ("train_good", "good") + DEFECT_TYPES if any(c in t for t in counts.values())]
     width = max([len("category")] + [len(c) for c in counts])
