@@ -37,8 +37,9 @@ class DemoConfig:
     clip_weights: Optional[str] = None
     image_size: int = 64
     train_per_category: int = 48
-    heldout_per_category: int = 12
-    steps: int = 400
+    heldout_per_category: int = 20
+    steps: int = 1000
+    defect_scale: float = 2.5  # defects of a few patches: the tiny CLIP sees 8x8 patches of 64 px
     batch_size: int = 8
     lr: float = 1e-3
     seed: int = 0
@@ -67,9 +68,10 @@ def run_demo(cfg: DemoConfig, say=print) -> Dict:
     say(f"[1/5] generating synthetic data in {out / 'data'}")
     n_tr, n_ho = cfg.train_per_category, cfg.heldout_per_category
     generate_dataset(out / "data" / "train", DEFAULT_TRAIN_CATEGORIES, n_normal=n_tr // 2, n_anomalous=n_tr - n_tr // 2,
-                     image_size=cfg.image_size, seed=cfg.seed, overwrite=True)
+                     image_size=cfg.image_size, seed=cfg.seed, overwrite=True, defect_scale=cfg.defect_scale)
     generate_dataset(out / "data" / "heldout", DEFAULT_HELDOUT_CATEGORIES, n_normal=n_ho // 2,
-                     n_anomalous=n_ho - n_ho // 2, image_size=cfg.image_size, seed=cfg.seed + 1, overwrite=True)
+                     n_anomalous=n_ho - n_ho // 2, image_size=cfg.image_size, seed=cfg.seed + 1, overwrite=True,
+                     defect_scale=cfg.defect_scale)
     shared = out / "data" / "shared-description.json"
     shared.write_text(json.dumps({c: SHARED_DESCRIPTION for c in DEFAULT_TRAIN_CATEGORIES + DEFAULT_HELDOUT_CATEGORIES}))
     train_src = build_source(f"folder={out / 'data' / 'train'}", descriptions=str(shared), report=say)
