@@ -38,3 +38,19 @@ def tiny_clip_config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("clipcfg") / "tiny-clip.json"
     path.write_text(json.dumps(TINY_CLIP))
     return path
+
+
+def make_tiny_checkpoint(clip_config: Path, directory: Path, seed: int) -> Path:
+    """A tiny random checkpoint whose experts and routers are non-trivial (the CLIP is stored in it)."""
+    from moeclip.checkpoint import save_checkpoint
+    from moeclip.config import AdapterConfig, BackboneConfig, ModelConfig
+    from moeclip.model import MoECLIP
+
+    torch.manual_seed(seed)
+    model = MoECLIP.from_config(ModelConfig(BackboneConfig(model=str(clip_config), pretrained=None, image_size=64),
+                                            AdapterConfig()))
+    with torch.no_grad():
+        for moe in model.moe:
+            moe.experts.lora_B.normal_(0, 0.05)
+            moe.router.gate.weight.normal_(0, 0.5)
+    return save_checkpoint(model, directory, include_backbone=True)

@@ -15,15 +15,13 @@ from PIL import Image
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from moeclip.checkpoint import save_checkpoint  # noqa: E402
 from moeclip.cli import main  # noqa: E402
 from moeclip.cli.common import build_model  # noqa: E402
-from moeclip.config import AdapterConfig, BackboneConfig, ModelConfig  # noqa: E402
 from moeclip.data.transforms import preprocess_image  # noqa: E402
 from moeclip.deploy import Deployment  # noqa: E402
 from moeclip.detector import Detector  # noqa: E402
 from moeclip.export_onnx import OnnxDetector, export_onnx, preprocess, read_metadata  # noqa: E402
-from moeclip.model import MoECLIP  # noqa: E402
+from conftest import make_tiny_checkpoint  # noqa: E402
 
 OBJECT = "metal nut"
 
@@ -31,14 +29,7 @@ OBJECT = "metal nut"
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_clip_config, tmp_path_factory) -> Path:
     """A tiny random checkpoint whose experts and routers are non-trivial (no routing ties)."""
-    torch.manual_seed(3)
-    model = MoECLIP.from_config(ModelConfig(BackboneConfig(model=str(tiny_clip_config), pretrained=None,
-                                                           image_size=64), AdapterConfig()))
-    with torch.no_grad():
-        for moe in model.moe:
-            moe.experts.lora_B.normal_(0, 0.05)
-            moe.router.gate.weight.normal_(0, 0.5)
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", include_backbone=True)
+    return make_tiny_checkpoint(tiny_clip_config, tmp_path_factory.mktemp("ckpt") / "tiny", seed=3)
 
 
 @pytest.fixture(scope="module")

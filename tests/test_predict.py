@@ -9,26 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from moeclip.checkpoint import save_checkpoint
 from moeclip.cli import main
 from moeclip.cli.common import build_model
-from moeclip.config import AdapterConfig, BackboneConfig, ModelConfig
 from moeclip.data.transforms import CLIP_MEAN, CLIP_STD, preprocess_image
 from moeclip.detector import Detector
-from moeclip.model import MoECLIP
+
+from conftest import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_clip_config, tmp_path_factory) -> Path:
     """A tiny random checkpoint whose experts and routers are non-trivial."""
-    torch.manual_seed(0)
-    model = MoECLIP.from_config(ModelConfig(BackboneConfig(model=str(tiny_clip_config), pretrained=None,
-                                                           image_size=64), AdapterConfig()))
-    with torch.no_grad():
-        for moe in model.moe:
-            moe.experts.lora_B.normal_(0, 0.05)
-            moe.router.gate.weight.normal_(0, 0.5)
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", include_backbone=True)
+    return make_tiny_checkpoint(tiny_clip_config, tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")

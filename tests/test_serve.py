@@ -14,17 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from moeclip.checkpoint import save_checkpoint  # noqa: E402
-from moeclip.config import AdapterConfig, BackboneConfig, ModelConfig  # noqa: E402
 from moeclip.deploy import Deployment  # noqa: E402
-from moeclip.model import MoECLIP  # noqa: E402
+from conftest import make_tiny_checkpoint  # noqa: E402
 from moeclip.serve import create_app  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -35,14 +32,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_clip_config, tmp_path_factory) -> Path:
     """A tiny random checkpoint whose experts and routers are non-trivial."""
-    torch.manual_seed(2)
-    model = MoECLIP.from_config(ModelConfig(BackboneConfig(model=str(tiny_clip_config), pretrained=None,
-                                                           image_size=64), AdapterConfig()))
-    with torch.no_grad():
-        for moe in model.moe:
-            moe.experts.lora_B.normal_(0, 0.05)
-            moe.router.gate.weight.normal_(0, 0.5)
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", include_backbone=True)
+    return make_tiny_checkpoint(tiny_clip_config, tmp_path_factory.mktemp("ckpt") / "tiny", seed=2)
 
 
 @pytest.fixture(scope="module")

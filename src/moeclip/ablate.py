@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from typing import Dict, List, Sequence, Tuple
 
 from .config import AdapterConfig

@@ -6,10 +6,9 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -17,12 +16,11 @@ import torch.nn.functional as F
 
 from .data.io import load_image, to_pil_rgb
 from .data.transforms import preprocess_image
-from .errors import MoECLIPError
 from .precision import autocast, resolve_device
 from .prompts import GENERIC_OBJECT
 from .scoring import Domain, final_image_score
 
-ImageLike = Union[str, Path, np.ndarray, "PIL.Image.Image"]  # noqa: F821
+ImageLike = Union[str, Path, np.ndarray, Any]  # a path, a numpy array or a PIL image
 
 
 @dataclass

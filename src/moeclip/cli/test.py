@@ -30,6 +30,27 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _map_writer(out: Path, args):
+    """Per-batch callback writing raw maps (.npy) and/or overlays under ``out``."""
+    import numpy as np
+
+    from .. import overlay
+
+    def write(source, group, batch, amap, score):
+        sub = Path(_safe(source.name)) / _safe(group)
+        for i, path in enumerate(batch["path"]):
+            stem = f"{Path(path).parent.name}_{Path(path).stem}"
+            if args.save_maps:
+                (out / "maps" / sub).mkdir(parents=True, exist_ok=True)
+                np.save(out / "maps" / sub / f"{stem}.npy", amap[i].numpy().astype(np.float32))
+            if args.visualize:
+                (out / "overlays" / sub).mkdir(parents=True, exist_ok=True)
+                overlay.save_triptych(path, amap[i].numpy(), batch["mask"][i, 0].numpy(),
+                                      out / "overlays" / sub / f"{stem}.png")
+
+    return write
+
+
 def _safe(name: str) -> str:
     """A path component that cannot leave the output folder."""
     import re
@@ -53,8 +74,6 @@ def run(args) -> int:
 
 
 def _run(args, out: Path, device) -> int:
-    import numpy as np
-
     from ..checkpoint import atomic_write_text
     from ..engine import distributed as D
     from ..engine.evaluate import METRIC_KEYS, evaluate_source, format_table
@@ -70,22 +89,7 @@ def _run(args, out: Path, device) -> int:
     model = load_model_from_args(args).to(device)
     size = model.config.backbone.image_size
 
-    writer = None
-    if args.save_maps or args.visualize:
-        from .. import overlay as viz
-
-        def writer(source, group, batch, amap, score):
-            for i, path in enumerate(batch["path"]):
-                stem = f"{Path(path).parent.name}_{Path(path).stem}"
-                sub = Path(_safe(source.name)) / _safe(group)
-                folder = out / "maps" / sub
-                if args.save_maps:
-                    folder.mkdir(parents=True, exist_ok=True)
-                    np.save(folder / f"{stem}.npy", amap[i].numpy().astype(np.float32))
-                if args.visualize:
-                    vis = out / "overlays" / sub
-                    vis.mkdir(parents=True, exist_ok=True)
-                    viz.save_triptych(path, amap[i].numpy(), batch["mask"][i, 0].numpy(), vis / f"{stem}.png")
+    writer = _map_writer(out, args) if (args.save_maps or args.visualize) else None
 
     results = []
     for source in sources:

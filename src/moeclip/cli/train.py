@@ -99,7 +99,6 @@ def run(args) -> int:
     from ..engine import distributed as D
     from ..engine.sources import build_sources
     from ..engine.train import Trainer, TrainConfig, prepare_run_dir
-    from ..errors import MoECLIPError
     from ..model import MoECLIP
     from ..precision import resolve_device
 

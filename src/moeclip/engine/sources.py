@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..data.registry import DataFormat, describe, get_dataset, load_descriptions, parse_data_arg
+from ..data.registry import DataFormat, describe, load_descriptions, parse_data_arg
 from ..data.scanners import load_data
 from ..errors import MoECLIPError
 from .evaluate import EvalSource

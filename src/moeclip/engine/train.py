@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
-import math
 import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
