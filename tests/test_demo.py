@@ -17,7 +17,7 @@ def test_demo_trains_and_improves_heldout_localisation(tmp_path, capsys):
         assert set(doc[phase]) == {"pixel_auroc", "pixel_ap", "image_auroc", "image_ap"}
         assert all(0.0 <= v <= 1.0 for v in doc[phase].values())
     # the claim the demo makes: held-out pixel AUROC clearly above the untrained model's
-    assert doc["after"]["pixel_auroc"] > doc["before"]["pixel_auroc"] + 0.15, doc
+    assert doc["after"]["pixel_auroc"] > doc["before"]["pixel_auroc"] + 0.12, doc
     assert (out / "checkpoint" / "adapters.safetensors").is_file()
     assert len(list((out / "overlays").glob("*.png"))) > 0
     printed = capsys.readouterr().out

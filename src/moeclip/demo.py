@@ -36,7 +36,7 @@ class DemoConfig:
     clip_model: Optional[str] = None
     clip_weights: Optional[str] = None
     image_size: int = 64
-    train_per_category: int = 48
+    train_per_category: int = 160
     heldout_per_category: int = 20
     steps: int = 1000
     defect_scale: float = 2.5  # defects of a few patches: the tiny CLIP sees 8x8 patches of 64 px
@@ -44,6 +44,7 @@ class DemoConfig:
     lr: float = 1e-3
     seed: int = 0
     device: str = "auto"
+    workers: int = 1
     overwrite: bool = False
     progress: bool = True
 
@@ -81,6 +82,10 @@ def run_demo(cfg: DemoConfig, say=print) -> Dict:
         "never seen in training)")
 
     say("[2/5] building the model")
+    if not cfg.clip_model:
+        # the tiny model gains nothing from a second compute thread, and one thread is immune to a
+        # busy machine; the second core decodes and augments the next batches (one loader worker)
+        torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     backbone = BackboneConfig(model=cfg.clip_model or builtin_clip_config(), pretrained=cfg.clip_weights,
                               image_size=cfg.image_size)
@@ -103,7 +108,7 @@ def run_demo(cfg: DemoConfig, say=print) -> Dict:
     run_dir = out / "run"
     prepare_run_dir(run_dir, resume=False, overwrite=True)
     tcfg = TrainConfig(epochs=10 ** 6, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, max_steps=cfg.steps,
-                       include_backbone=True)
+                       include_backbone=True, workers=cfg.workers)
     trainer = Trainer(model, [train_src], tcfg, run_dir, device, progress=cfg.progress)
     t_train = time.time()
     trainer.train()

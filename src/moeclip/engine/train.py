@@ -191,8 +191,7 @@ class Trainer:
         else:
             sampler = RandomSampler(self.dataset, generator=g)
         return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
-                          num_workers=self.cfg.workers, collate_fn=collate, generator=g,
-                          persistent_workers=False)
+                          num_workers=self.cfg.workers, collate_fn=collate, generator=g)
 
     def _log_row(self, row: Dict) -> None:
         if not dist_utils.is_main():
