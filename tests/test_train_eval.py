@@ -150,3 +150,12 @@ def test_killed_run_resumes_to_the_same_weights(data, tiny_clip_config, tmp_path
     b = load_file(str(killed / "checkpoint" / "adapters.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+
+
+def test_validation_keeps_the_best_checkpoint(data, tiny_clip_config, tmp_path):
+    run = tmp_path / "val"
+    assert main(train_args(data, tiny_clip_config, run, "--epochs", "2", "--val", f"folder={data / 'held'}")) == 0
+    best = json.loads((run / "best" / "config.json").read_text())["meta"]
+    history = [json.loads((run / "checkpoint" / "config.json").read_text())["meta"]]
+    assert 0.0 <= best["pixel_auroc"] <= 1.0 and best["epoch"] in (1, 2)
+    assert "val" in history[0]["metrics"] and history[0]["metrics"]["val"]["score"] <= best["pixel_auroc"] + 1e-12
