@@ -127,10 +127,9 @@ def test_balance_loss():
 def test_paa_equals_bruteforce_neighbourhood_mean(radius):
     torch.manual_seed(2)
     B, H, W, C = 2, 5, 6, 3
-    tokens = torch.randn(B, 1 + H * W, C)
-    out = patch_average(tokens, (H, W), radius)
-    assert torch.equal(out[:, 0], tokens[:, 0])
-    grid = tokens[:, 1:].reshape(B, H, W, C)
+    patches = torch.randn(B, H * W, C)
+    out = patch_average(patches, (H, W), radius)
+    grid = patches.reshape(B, H, W, C)
     p = radius // 2
     ref = torch.zeros_like(grid)
     for i in range(H):
@@ -141,7 +140,23 @@ def test_paa_equals_bruteforce_neighbourhood_mean(radius):
                     if 0 <= i + di < H and 0 <= j + dj < W:
                         acc += grid[:, i + di, j + dj]
             ref[:, i, j] = acc / radius ** 2  # zero padding counts in the mean
-    torch.testing.assert_close(out[:, 1:].reshape(B, H, W, C), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.reshape(B, H, W, C), ref, atol=1e-6, rtol=0)
+    # the CPU depthwise-convolution path equals avg_pool2d(count_include_pad=True)
+    g = patches.transpose(1, 2).reshape(B, C, H, W)
+    pooled = torch.nn.functional.avg_pool2d(g, radius, 1, radius // 2, count_include_pad=True)
+    torch.testing.assert_close(out, pooled.reshape(B, C, H * W).transpose(1, 2), atol=1e-6, rtol=0)
+
+
+def test_blocks_run_sequence_first_and_clip_still_works(tiny_clip_config):
+    clip = create_clip(BackboneConfig(model=str(tiny_clip_config), pretrained=None, image_size=64))
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        before = clip.encode_image(x)
+        model = MoECLIP(clip, AdapterConfig())
+        after = clip.encode_image(x)
+    assert model.sequence_first and not clip.visual.transformer.batch_first
+    assert all(not b.attn.batch_first for b in clip.visual.transformer.resblocks)
+    torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- whole model

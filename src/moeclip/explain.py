@@ -1,10 +1,9 @@
 """What the experts do: routing maps, router entropy, per-map contributions, expert similarity and load.
 
 Everything here is computed from the model's public modules; nothing is hooked or patched.
-:func:`trace_tower` re-runs the vision tower exactly as :meth:`MoECLIP.encode_image` does, but
-also keeps the token stream that enters each MoE adapter, because the outputs of *all* experts
-at a layer (needed for the similarity the paper reports) are a function of that stream and are
-not returned by the adapter itself.
+:func:`trace_tower` runs :meth:`MoECLIP.encode_image` keeping the token stream that enters each
+MoE adapter, because the outputs of *all* experts at a layer (needed for the similarity the paper
+reports) are a function of that stream and are not returned by the adapter itself.
 
 Shapes: ``B`` images, ``L = 1 + H*W`` tokens (token 0 is CLS), ``E`` experts, ``k`` top-k,
 ``M`` feature maps (levels x PAA radii, level-major).
@@ -19,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .paa import aggregate_levels
 from .router import Routing
 from .scoring import Domain, anomaly_map, image_score, patch_anomaly
 
@@ -52,42 +50,11 @@ class TowerTrace:
 
 @torch.no_grad()
 def trace_tower(model, images: torch.Tensor) -> TowerTrace:
-    """Run the vision tower like ``encode_image`` (inference, no losses), keeping the MoE inputs.
-
-    The loop mirrors ``MoECLIP.encode_image``; ``tests/test_explain.py`` checks that both give
-    the same features and routing, so a change there that is not mirrored here fails loudly.
-    """
-    from .model import VisionOutput
-
+    """Run the vision tower (inference, no losses), keeping the MoE inputs."""
     if model.training:
         raise ValueError("trace_tower needs an eval-mode model (LoRA dropout would change the routing inputs)")
-    cfg = model.adapter_config
-    visual = model.clip.visual
-    blocks = visual.transformer.resblocks
-    batch_first = getattr(visual.transformer, "batch_first", True)
-    moe_at = {layer: i for i, layer in enumerate(cfg.moe_layers)}
-    last = max(cfg.levels)
-    x = visual._embeds(images.to(visual.conv1.weight.dtype))
-    levels, routing, inputs = [], [], []
-    for i in range(last):
-        x = blocks[i](x) if batch_first else blocks[i](x.transpose(0, 1)).transpose(0, 1)
-        if i in moe_at:
-            inputs.append(x)
-            out = model.moe[moe_at[i]](x, False)
-            x = out.x
-            routing.append(out.routing)
-        if i + 1 in cfg.levels:
-            levels.append(x)
-    grid = tuple(visual.grid_size)
-    maps = aggregate_levels(levels, grid, cfg.paa_radii)
-    n_r = len(cfg.paa_radii)
-    seg = []
-    for j, t in enumerate(maps):
-        t = visual.ln_post(t)[:, 1:]
-        proj = model.seg_proj[j // n_r if cfg.seg_proj == "shared" else j]
-        seg.append(F.normalize(proj(t), dim=-1))
-    det = F.normalize(model.det_proj(visual.ln_post(levels[-1])[:, 1:]), dim=-1).mean(1)
-    return TowerTrace(VisionOutput(seg, det, grid, routing), inputs)
+    out = model.encode_image(images, compute_losses=False, keep_moe_inputs=True)
+    return TowerTrace(out, out.moe_inputs)
 
 
 # --------------------------------------------------------------------------- routing maps

@@ -31,6 +31,7 @@ class VisionOutput:
     routing: List[Routing] = field(default_factory=list)  # one per MoE layer, shapes (B, 1 + H*W, .)
     balance_loss: Optional[torch.Tensor] = None
     etf_loss: Optional[torch.Tensor] = None
+    moe_inputs: List[torch.Tensor] = field(default_factory=list)  # token streams entering each MoE adapter
 
 
 class MoECLIP(nn.Module):
@@ -45,6 +46,7 @@ class MoECLIP(nn.Module):
         self.grad_checkpoint = False
         freeze(clip)
         self.clip = clip
+        self.sequence_first = use_sequence_first(clip.visual)
         width, embed_dim = dims["width"], dims["embed_dim"]
         dropout = 0.0 if cfg.released_training else cfg.lora_dropout
         self.moe = nn.ModuleList(
@@ -106,56 +108,58 @@ class MoECLIP(nn.Module):
         cfg = self.adapter_config
         return self.training and not cfg.released_training and (cfg.etf_weight > 0 or cfg.balance_weight > 0)
 
-    def encode_image(self, images: torch.Tensor, compute_losses: Optional[bool] = None) -> VisionOutput:
+    def encode_image(self, images: torch.Tensor, compute_losses: Optional[bool] = None,
+                     keep_moe_inputs: bool = False) -> VisionOutput:
         """Run the tower with the MoE adapters; ``images`` are CLIP-normalised (B, 3, S, S)."""
         cfg = self.adapter_config
         if compute_losses is None:
             compute_losses = self._losses_active()
         visual = self.clip.visual
         blocks = visual.transformer.resblocks
-        batch_first = getattr(visual.transformer, "batch_first", True)
         moe_at = {layer: i for i, layer in enumerate(cfg.moe_layers)}
         last = max(cfg.levels)
         first_moe = min(cfg.moe_layers, default=last)
+        # blocks run on (L, B, D) when use_sequence_first() could switch them; results are (B, L, D)
+        to_bld = (lambda t: t.transpose(0, 1)) if self.sequence_first else (lambda t: t)
 
         def run_block(i: int, x: torch.Tensor) -> torch.Tensor:
-            blk = blocks[i]
-            if not batch_first:
-                return blk(x.transpose(0, 1)).transpose(0, 1)
             if self.grad_checkpoint and torch.is_grad_enabled() and x.requires_grad:
-                return checkpoint(blk, x, use_reentrant=False)
-            return blk(x)
+                return checkpoint(blocks[i], x, use_reentrant=False)
+            return blocks[i](x)
 
-        levels, routing, bal, etf = [], [], [], []
+        levels, routing, bal, etf, inputs = [], [], [], [], []
         with torch.no_grad():
             x = visual._embeds(images.to(visual.conv1.weight.dtype))
+            if self.sequence_first:
+                x = x.transpose(0, 1).contiguous()
         for i in range(last):
             # Nothing up to the first MoE adapter depends on a trained weight: no autograd there.
             with torch.no_grad() if i <= first_moe else contextlib.nullcontext():
                 x = run_block(i, x)
             if i in moe_at:
-                out = self.moe[moe_at[i]](x, compute_losses)
+                if keep_moe_inputs:
+                    inputs.append(to_bld(x))
+                out = self.moe[moe_at[i]](x, compute_losses)  # per token: any layout
                 x = out.x
-                routing.append(out.routing)
+                routing.append(Routing(*(to_bld(t) for t in out.routing)))
                 if compute_losses:
                     bal.append(out.balance_loss)
                     etf.append(out.etf_loss)
             if i + 1 in cfg.levels:
-                levels.append(x)
+                levels.append(to_bld(x))
 
         grid = tuple(visual.grid_size)
-        maps = aggregate_levels(levels, grid, cfg.paa_radii)
+        # ln_post is per token, so CLS can be dropped before PAA and the LayerNorm
+        maps = aggregate_levels([t[:, 1:] for t in levels], grid, cfg.paa_radii)
         n_r = len(cfg.paa_radii)
         seg = []
         for j, t in enumerate(maps):
-            t = visual.ln_post(t)[:, 1:]
             proj = self.seg_proj[j // n_r if cfg.seg_proj == "shared" else j]
-            seg.append(F.normalize(proj(t), dim=-1))
-        det_in = visual.ln_post(levels[-1])[:, 1:]
-        det = F.normalize(self.det_proj(det_in), dim=-1).mean(1)
+            seg.append(F.normalize(proj(visual.ln_post(t)), dim=-1))
+        det = F.normalize(self.det_proj(visual.ln_post(levels[-1][:, 1:])), dim=-1).mean(1)
         return VisionOutput(seg, det, grid, routing,
                             torch.stack(bal).sum() if bal else None,
-                            torch.stack(etf).sum() if etf else None)
+                            torch.stack(etf).sum() if etf else None, inputs)
 
     # ------------------------------------------------------------------ text
     def text_features(self, description: str) -> torch.Tensor:
@@ -194,6 +198,25 @@ class MoECLIP(nn.Module):
         etf = out.etf_loss if out.etf_loss is not None else zero
         total = ce + seg.sum() + cfg.balance_weight * bal + cfg.etf_weight * etf
         return {"total": total, "ce": ce, "seg": seg, "balance": bal, "etf": etf}
+
+
+def use_sequence_first(visual: nn.Module) -> bool:
+    """Switch the vision blocks to (L, B, D) inputs; True when every block could be switched.
+
+    With ``batch_first=True`` (open_clip's default), ``nn.MultiheadAttention`` leaves its fused
+    path whenever autograd records or the input is bf16, transposes to (L, B, D) and projects
+    a non-contiguous view: on CPU a bf16 training step of ViT-L became 36x slower
+    (benchmarks/README.md). Running the blocks sequence-first is the same computation. The
+    tower's own ``Transformer.forward`` follows its ``batch_first`` flag, so ``encode_image``
+    of the CLIP keeps working.
+    """
+    blocks = list(visual.transformer.resblocks)
+    if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
+        return not getattr(visual.transformer, "batch_first", True)
+    visual.transformer.batch_first = False
+    for b in blocks:
+        b.attn.batch_first = False
+    return True
 
 
 def tokenizer_for(model: str):
