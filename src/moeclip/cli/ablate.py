@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--mode", choices=["one-at-a-time", "grid"], default="one-at-a-time")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--steps", type=int, default=300, help="training steps per run (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps per run (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -54,6 +54,7 @@ def run(args) -> int:
     switches = parse_switches(args.switch or DEFAULT_SWITCHES)
     runs = settings(switches, args.mode)
     descriptions = args.descriptions
+    workers = 0
     if not args.data:  # the demo's synthetic setting: shared description, tiny random CLIP
         from ..data.synth import DEFAULT_HELDOUT_CATEGORIES, DEFAULT_TRAIN_CATEGORIES, generate_dataset
         from ..demo import SHARED_DESCRIPTION, DemoConfig, builtin_clip_config
@@ -74,6 +75,8 @@ def run(args) -> int:
         args.clip_model = args.clip_model or builtin_clip_config()
         args.clip_weights = args.clip_weights or "none"
         args.image_size = size
+        torch.set_num_threads(1)  # as the demo: the tiny model gains nothing from a second thread
+        workers = 1
     if not args.test_data:
         raise MoECLIPError("--test-data NAME=PATH is required when --data is given")
     args.clip_model = args.clip_model or "ViT-L-14-336"
@@ -93,7 +96,7 @@ def run(args) -> int:
         run_dir = out / "runs" / f"{i:02d}"
         prepare_run_dir(run_dir, resume=False, overwrite=True)
         cfg = TrainConfig(epochs=10 ** 6, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          max_steps=args.steps, precision=args.precision)
+                          max_steps=args.steps, precision=args.precision, workers=workers)
         Trainer(model, train_src, cfg, run_dir, device).train()
         results = [evaluate_source(model, s, image_size=args.image_size, device=device, precision=args.precision)
                    for s in test_src]
