@@ -11,9 +11,7 @@ adapter hyper-parameter. Writes are atomic (temporary files, then rename).
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -22,6 +20,7 @@ import torch
 from . import __version__
 from .config import AdapterConfig, ModelConfig
 from .errors import MoECLIPError
+from .fileio import atomic_write, atomic_write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -123,23 +122,6 @@ def infer_adapter_config(state: Dict[str, torch.Tensor], base: Optional[AdapterC
 
 
 # ---------------------------------------------------------------------------- our format
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write_bytes(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
 def save_checkpoint(model, directory: str | Path, meta: Optional[Dict[str, Any]] = None,
                     overwrite: bool = False, include_backbone: bool = False) -> Path:
     """Write ``config.json`` + ``adapters.safetensors`` atomically into ``directory``.
@@ -157,14 +139,14 @@ def save_checkpoint(model, directory: str | Path, meta: Optional[Dict[str, Any]]
     model_doc = model.config.to_dict()
     if include_backbone:
         clip_state = {k: v.detach().to("cpu").contiguous() for k, v in model.clip.state_dict().items()}
-        _atomic_write_bytes(directory / CLIP_WEIGHTS_FILE, lambda tmp: save_file(clip_state, tmp))
+        atomic_write(directory / CLIP_WEIGHTS_FILE, lambda tmp: save_file(clip_state, tmp))
         src = Path(model.config.backbone.model)
         if src.suffix == ".json" and src.is_file():
             atomic_write_text(directory / CLIP_CONFIG_FILE, src.read_text())
             model_doc["backbone"]["model"] = CLIP_CONFIG_FILE
         model_doc["backbone"]["pretrained"] = CLIP_WEIGHTS_FILE
     doc = {"format": FORMAT, "version": __version__, "model": model_doc, "meta": meta or {}}
-    _atomic_write_bytes(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
     atomic_write_text(directory / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
     return directory
 

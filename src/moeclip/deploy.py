@@ -89,7 +89,7 @@ class Deployment:
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write atomically; refuses to replace an existing file unless ``overwrite``."""
-        from .checkpoint import atomic_write_text
+        from .fileio import atomic_write_text
 
         path = Path(path)
         if path.exists() and not overwrite:

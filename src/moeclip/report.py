@@ -297,7 +297,7 @@ def write_report(out_dir, results: Mapping[str, Mapping[str, Mapping[str, Any]]]
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>"
             f"<style>{_CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
     path = out_dir / filename
-    from .checkpoint import atomic_write_text
+    from .fileio import atomic_write_text
 
     atomic_write_text(path, page)
     return path

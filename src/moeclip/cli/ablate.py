@@ -37,7 +37,7 @@ def run(args) -> int:
     import torch
 
     from ..ablate import DEFAULT_SWITCHES, apply, label, parse_switches, settings, table
-    from ..checkpoint import atomic_write_text
+    from ..fileio import atomic_write_text
     from ..config import ModelConfig
     from ..engine.evaluate import evaluate_source
     from ..engine.sources import build_sources

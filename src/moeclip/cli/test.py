@@ -74,7 +74,7 @@ def run(args) -> int:
 
 
 def _run(args, out: Path, device) -> int:
-    from ..checkpoint import atomic_write_text
+    from ..fileio import atomic_write_text
     from ..engine import distributed as D
     from ..engine.evaluate import METRIC_KEYS, evaluate_source, format_table
     from ..engine.sources import build_sources

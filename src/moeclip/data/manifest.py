@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -347,37 +346,14 @@ def read_manifest(path: PathLike, root: Optional[PathLike] = None, **kwargs) -> 
 # --------------------------------------------------------------------------- writers
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_text(path: PathLike, text: str, *, overwrite: bool = False) -> None:
-    """Write via a temporary file in the same folder and ``os.replace`` it into place, so an
-    interrupted run never leaves a half-written manifest; refuse to clobber unless asked."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise MoECLIPError(f"{path}: already exists; pass --overwrite to replace it")
-    if path.is_dir():
-        raise MoECLIPError(f"{path}: is a folder, expected a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
+    """Atomic write that refuses to clobber unless asked (see :mod:`moeclip.fileio`)."""
+    from ..fileio import atomic_write_text as _write
+
+    parent = Path(path).parent
+    if str(parent) and not parent.is_dir():
         raise MoECLIPError(f"{path}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; keep normal perms
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _write(path, text, overwrite=overwrite)
 
 
 def write_jsonl(samples: Iterable[Sample], path: PathLike, root: Optional[PathLike] = None, *,
