@@ -190,30 +190,37 @@ def read_checkpoint(path: str | Path) -> Tuple[ModelConfig, Dict[str, torch.Tens
 
 
 def load_model(path: str | Path, backbone_overrides: Optional[Dict[str, Any]] = None,
-               adapter: Optional[AdapterConfig] = None, device: str | torch.device = "cpu"):
-    """Build a model from our checkpoint, or from an official ``.pth`` + hyper-parameters.
+               adapter: Optional[AdapterConfig] = None, device: str | torch.device = "cpu",
+               adapter_overrides: Optional[Dict[str, Any]] = None):
+    """Build an eval-mode model from our checkpoint, or from an official ``.pth`` + hyper-parameters.
 
     ``backbone_overrides`` replaces fields of the stored backbone config (e.g. a local
-    weight file instead of the ``openai`` tag on an offline machine).
+    weight file instead of the ``openai`` tag on an offline machine). ``adapter_overrides``
+    replaces adapter fields: for an official file they complete ``adapter`` (default: the
+    paper's values); for ours they override the stored values, with a warning.
     """
     import dataclasses
+    import logging
 
+    from .config import BackboneConfig
     from .model import MoECLIP
 
     p = Path(path)
-    if p.suffix in (".pth", ".pt") and p.is_file():
-        from .config import BackboneConfig
-
-        backbone = dataclasses.replace(BackboneConfig(), **(backbone_overrides or {}))
-        official = read_official(p)
-        config = ModelConfig(backbone=backbone, adapter=adapter or AdapterConfig())
-        model = MoECLIP.from_config(config)
-        model.load_adapter_state_dict(official["state"], str(p))
-        model.config.adapter  # resolved config already holds layers/levels
-        return model.to(device).eval()
-    config, state, _ = read_checkpoint(p)
-    if backbone_overrides:
-        config.backbone = dataclasses.replace(config.backbone, **backbone_overrides)
+    overrides = dict(adapter_overrides or {})
+    if p.suffix in (".pth", ".pt"):
+        if not p.is_file():
+            raise MoECLIPError(f"{p}: checkpoint not found")
+        config = ModelConfig(dataclasses.replace(BackboneConfig(), **(backbone_overrides or {})),
+                             dataclasses.replace(adapter or AdapterConfig(), **overrides))
+        state = read_official(p)["state"]
+    else:
+        config, state, _ = read_checkpoint(p)
+        if backbone_overrides:
+            config.backbone = dataclasses.replace(config.backbone, **backbone_overrides)
+        changed = {k: v for k, v in overrides.items() if getattr(config.adapter, k) != v}
+        if changed:
+            logging.getLogger(__name__).warning("%s: overriding trained hyper-parameters %s", p, changed)
+            config.adapter = dataclasses.replace(config.adapter, **changed)
     model = MoECLIP.from_config(config)
     model.load_adapter_state_dict(state, str(p))
     return model.to(device).eval()

@@ -19,7 +19,6 @@ to rebuild the model later (:func:`build_model`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -37,8 +36,6 @@ ADAPTER_OPTIONS = {"experts": "num_experts", "top_k": "top_k", "rank": "rank", "
                    "moe_layers": "moe_layers", "levels": "levels", "fofs": "fofs", "paa": "paa",
                    "relu": "relu", "seg_proj": "seg_proj", "image_adapt_weight": "image_adapt_weight"}
 MODEL_OPTIONS = tuple(BACKBONE_OPTIONS) + tuple(ADAPTER_OPTIONS)
-
-OFFICIAL_SUFFIXES = (".pth", ".pt")
 
 
 def int_list(text: str) -> List[int]:
@@ -94,11 +91,6 @@ def model_options(args: argparse.Namespace) -> Dict[str, Any]:
     return {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name, None) is not None}
 
 
-def is_official(checkpoint: str | Path) -> bool:
-    p = Path(checkpoint)
-    return p.suffix in OFFICIAL_SUFFIXES and p.is_file()
-
-
 def _backbone_overrides(options: Dict[str, Any]) -> Dict[str, Any]:
     out = {BACKBONE_OPTIONS[k]: v for k, v in options.items() if k in BACKBONE_OPTIONS}
     if isinstance(out.get("pretrained"), str) and out["pretrained"].lower() == "none":
@@ -116,9 +108,7 @@ def build_model(checkpoint: str | Path, options: Optional[Dict[str, Any]] = None
     ``options`` uses the names of :data:`MODEL_OPTIONS` (what :func:`model_options` returns and a
     deployment file stores).
     """
-    from ..checkpoint import read_checkpoint, read_official
-    from ..config import AdapterConfig, BackboneConfig, ModelConfig
-    from ..model import MoECLIP
+    from ..checkpoint import load_model
 
     options = dict(options or {})
     unknown = sorted(set(options) - set(MODEL_OPTIONS))
@@ -126,25 +116,8 @@ def build_model(checkpoint: str | Path, options: Optional[Dict[str, Any]] = None
         raise MoECLIPError(f"unknown model option(s) {unknown}")
     if checkpoint is None:
         raise MoECLIPError("no checkpoint given (--checkpoint, or a deployment file that names one)")
-    path = Path(checkpoint)
-    backbone = _backbone_overrides(options)
-    adapter = _adapter_overrides(options)
-    if is_official(path):
-        config = ModelConfig(dataclasses.replace(BackboneConfig(), **backbone),
-                             dataclasses.replace(AdapterConfig(), **adapter))
-        state = read_official(path)["state"]
-    elif path.suffix in OFFICIAL_SUFFIXES:
-        raise MoECLIPError(f"{path}: checkpoint not found")
-    else:
-        config, state, _ = read_checkpoint(path)
-        config.backbone = dataclasses.replace(config.backbone, **backbone)
-        changed = {k: v for k, v in adapter.items() if getattr(config.adapter, k) != v}
-        if changed:
-            log.warning("%s: overriding trained hyper-parameters %s", path, changed)
-            config.adapter = dataclasses.replace(config.adapter, **changed)
-    model = MoECLIP.from_config(config)
-    model.load_adapter_state_dict(state, str(path))
-    return model.eval()
+    return load_model(checkpoint, backbone_overrides=_backbone_overrides(options),
+                      adapter_overrides=_adapter_overrides(options))
 
 
 def load_model_from_args(args: argparse.Namespace):
