@@ -48,6 +48,9 @@ def add_model_args(parser: argparse.ArgumentParser, batch_size: int = 1, image_s
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="fp32, or autocast to bf16/fp16 (weights stay fp32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    parser.add_argument("--no-cast-frozen", dest="cast_frozen", action="store_false",
+                        help="bf16/fp16: leave the frozen CLIP weights in fp32 (autocast re-casts them at every "
+                             "forward) instead of the package's default of casting them once")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed iterations (median reported)")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed iterations first")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -68,6 +71,13 @@ def setup(args) -> torch.device:
     return device
 
 
+def cast_frozen(model, args) -> None:
+    """What the package's commands do for bf16/fp16 (``MoECLIP.cast_frozen_weights``), unless
+    ``--no-cast-frozen``. ``model.clip`` is shared, so the plain-CLIP baseline gets it too."""
+    if getattr(args, "cast_frozen", True):
+        model.cast_frozen_weights(args.precision)
+
+
 def autocast(device: torch.device, precision: str):
     from moeclip.precision import autocast as _autocast
 
@@ -78,6 +88,7 @@ def config_dict(args, device: torch.device) -> Dict[str, Any]:
     return {
         "clip_model": args.clip_model, "image_size": args.image_size, "batch_size": args.batch_size,
         "precision": args.precision, "device": str(device), "repeats": args.repeats, "warmup": args.warmup,
+        "cast_frozen": bool(getattr(args, "cast_frozen", True)) and args.precision != "fp32",
         "weights": "random (pretrained=None)",
     }
 
@@ -223,6 +234,44 @@ def randomize_adapters(model, seed: int = 0, gate_std: float = 0.02, lora_b_std:
             p.copy_(torch.randn(p.shape, generator=g) * gate_std)
         elif name.startswith("moe.") and name.endswith("experts.lora_B"):
             p.copy_(torch.randn(p.shape, generator=g) * lora_b_std)
+
+
+def clip_floor_step(model, images: torch.Tensor, device: torch.device, precision: str) -> Callable[[], Any]:
+    """The least an exact implementation must compute per training step, whatever its adapters.
+
+    The frozen tower forward (no autograd up to the first MoE layer, autograd from there on)
+    and the backward through the frozen blocks down to that layer, with frozen weights (input
+    gradients only). Adapters, losses, PAA, projections, text and the optimiser are left out,
+    so ``official / floor`` bounds any implementation's training-step speedup.
+    """
+    visual = model.clip.visual
+    blocks = visual.transformer.resblocks
+    cfg = model.adapter_config
+    first, last = min(cfg.moe_layers), max(cfg.levels)
+
+    def step():
+        with autocast(device, precision):
+            with torch.no_grad():
+                x = visual._embeds(images.to(visual.conv1.weight.dtype))
+                if model.sequence_first:
+                    x = x.transpose(0, 1).contiguous()
+                for i in range(first + 1):
+                    x = blocks[i](x)
+            x = x.detach().requires_grad_(True)
+            y = x
+            for i in range(first + 1, last):
+                y = blocks[i](y)
+        y.float().sum().backward()
+        return x.grad
+    return step
+
+
+def clip_floor_infer(model, images: torch.Tensor, device: torch.device, precision: str) -> Callable[[], Any]:
+    """The frozen tower alone (``encode_image``): what any implementation's inference contains."""
+    def run():
+        with autocast(device, precision), torch.inference_mode():
+            return model.clip.encode_image(images)
+    return run
 
 
 def random_batch(batch: int, size: int, device: torch.device, seed: int = 0):

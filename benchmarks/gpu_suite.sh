@@ -7,6 +7,8 @@
 #   overhead_b{1,8,32}.json   CLIP encode_image vs MoECLIP predict: s/batch, images/s, ratio,
 #                             anomaly-map share
 #   overhead_fp32_b8.json     the same in fp32 (TF32 matmuls) at batch 8
+#   overhead_nocast_b{1,8}.json  bf16 with plain autocast (--no-cast-frozen): what casting the
+#                             frozen CLIP weights once (the package default) saves
 #   train_b8.json             one training step at batch 8, without and with gradient
 #                             checkpointing: time and peak CUDA memory
 #   mha_layout.json           diagnostic: one ViT-L block, batch_first (N,L,D) vs sequence-first
@@ -79,6 +81,10 @@ for B in $BATCHES; do
     case $B in 1) R=30 ;; 8) R=15 ;; *) R=8 ;; esac
     step "overhead_b$B" "$STEP_TIMEOUT" "$PY" "$HERE/overhead.py" $MODEL --batch-size "$B" --precision bf16 \
         --warmup 3 --repeats "$(reps $R)" --json "$OUT/overhead_b$B.json"
+done
+for B in 1 $TRAIN_BATCH; do
+    step "overhead_nocast_b$B" "$STEP_TIMEOUT" "$PY" "$HERE/overhead.py" $MODEL --batch-size "$B" --precision bf16 \
+        --no-cast-frozen --warmup 3 --repeats "$(reps 15)" --json "$OUT/overhead_nocast_b$B.json"
 done
 step overhead_fp32_b$TRAIN_BATCH "$STEP_TIMEOUT" "$PY" "$HERE/overhead.py" $MODEL --batch-size "$TRAIN_BATCH" \
     --precision fp32 --warmup 3 --repeats "$(reps 10)" --json "$OUT/overhead_fp32_b$TRAIN_BATCH.json"
@@ -155,7 +161,8 @@ def load(name):
 lines = [f"{os.environ.get('CLIP_MODEL', 'ViT-L-14-336')} @ {os.environ.get('IMAGE_SIZE', '518')}, random weights", "",
          f"{'run':18s} {'CLIP img/s':>11s} {'MoECLIP img/s':>14s} {'ratio':>7s} {'map share':>10s}"]
 tb = os.environ.get("TRAIN_BATCH", "8")
-names = [f"overhead_b{b}" for b in os.environ.get("BATCHES", "1 8 32").split()] + [f"overhead_fp32_b{tb}"]
+names = [f"overhead_b{b}" for b in os.environ.get("BATCHES", "1 8 32").split()] + \
+    [f"overhead_nocast_b1", f"overhead_nocast_b{tb}", f"overhead_fp32_b{tb}"]
 for name in names:
     d = load(name)
     if d:

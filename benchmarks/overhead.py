@@ -35,6 +35,9 @@ import common  # noqa: E402
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_model_args(parser)
+    parser.add_argument("--compare-cast", action="store_true",
+                        help="bf16/fp16: also time a second copy left to plain autocast (frozen weights "
+                             "re-cast every forward), interleaved, and report what casting once saves")
     args = parser.parse_args(argv)
     device = common.setup(args)
 
@@ -42,6 +45,7 @@ def main(argv=None) -> dict:
 
     print(f"building {args.clip_model} at {args.image_size} (random weights) on {device} ...", flush=True)
     model = common.build_moeclip(args.clip_model, args.image_size, device, args.seed)
+    common.cast_frozen(model, args)
     text = model.text_features(common.DESCRIPTION).detach()
     images, _, _ = common.random_batch(args.batch_size, args.image_size, device, args.seed)
     size = (args.image_size, args.image_size)
@@ -63,9 +67,25 @@ def main(argv=None) -> dict:
         with common.autocast(device, args.precision), torch.inference_mode():
             return anomaly_map(seg, text_cast, grid, size, "industrial")
 
+    fns = {"clip": run_clip, "moeclip": run_moeclip, "postproc": run_postproc}
+    compare = args.compare_cast and args.precision != "fp32" and args.cast_frozen
+    if compare:  # the same weights (same seed), left to plain autocast
+        plain = common.build_moeclip(args.clip_model, args.image_size, device, args.seed)
+
+        def run_plain():
+            with common.autocast(device, args.precision):
+                return plain.predict(images, text, "industrial")
+
+        def run_plain_clip():
+            with common.autocast(device, args.precision), torch.inference_mode():
+                return plain.clip.encode_image(images)
+
+        with common.autocast(device, args.precision):
+            same = torch.equal(plain.predict(images, text, "industrial")["anomaly_map"],
+                               model.predict(images, text, "industrial")["anomaly_map"])
+        fns.update(clip_autocast_only=run_plain_clip, moeclip_autocast_only=run_plain)
     cpu = {}
-    times = common.bench({"clip": run_clip, "moeclip": run_moeclip, "postproc": run_postproc},
-                         device, args.warmup, args.repeats, cpu_times=cpu)
+    times = common.bench(fns, device, args.warmup, args.repeats, cpu_times=cpu)
     s = {k: common.summary(v) for k, v in times.items()}
     sc = {k: common.summary(v) for k, v in cpu.items()}
     clip_s, moe_s, post_s = s["clip"]["median"], s["moeclip"]["median"], s["postproc"]["median"]
@@ -91,6 +111,14 @@ def main(argv=None) -> dict:
         "cpu_times": sc,
         "machine": common.machine_info(device),
     }
+    if compare:
+        doc["cast_compare"] = {
+            "maps_bit_identical": same,
+            "clip_autocast_only_s": s["clip_autocast_only"]["median"],
+            "moeclip_autocast_only_s": s["moeclip_autocast_only"]["median"],
+            "moeclip_speedup_from_cast": s["moeclip_autocast_only"]["median"] / moe_s,
+            "clip_speedup_from_cast": s["clip_autocast_only"]["median"] / clip_s,
+        }
     print()
     print(f"{args.clip_model} @ {args.image_size}, batch {B}, {args.precision}, {device} "
           f"(median of {args.repeats} after {args.warmup} warm-up)")
@@ -100,7 +128,13 @@ def main(argv=None) -> dict:
          f"x{moe_s / clip_s:.3f} (+{doc['extra_ms_per_image']:.1f} ms/img; "
          f"best-of x{doc['ratio_min']:.3f}, paired x{doc['ratio_paired_median']:.3f})"],
         ["  of which anomaly_map", post_s, "", f"{100 * post_s / moe_s:.2f}% of MoECLIP"],
-    ], ["what", "s/batch", "img/s", "note"])
+    ] + ([
+        ["CLIP, plain autocast", s["clip_autocast_only"]["median"], "",
+         f"casting frozen weights once: x{doc['cast_compare']['clip_speedup_from_cast']:.3f}"],
+        ["MoECLIP, plain autocast", s["moeclip_autocast_only"]["median"], "",
+         f"casting frozen weights once: x{doc['cast_compare']['moeclip_speedup_from_cast']:.3f} "
+         f"(maps bit-identical: {same})"],
+    ] if compare else []), ["what", "s/batch", "img/s", "note"])
     if device.type == "cpu":
         print(f"process CPU time (median): CLIP {sc['clip']['median']:.3f} s, MoECLIP {sc['moeclip']['median']:.3f} s, "
               f"ratio x{doc['ratio_cpu_time']:.3f}, anomaly_map {100 * doc['postproc_share_cpu_time']:.2f}%")

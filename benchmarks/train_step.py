@@ -45,6 +45,7 @@ def run_single(args) -> dict:
     device = common.setup(args)
     print(f"building {args.clip_model} at {args.image_size} (random weights) on {device} ...", flush=True)
     model = common.build_moeclip(args.clip_model, args.image_size, device, args.seed, released=args.released)
+    common.cast_frozen(model, args)
     model.train()
     model.grad_checkpoint = bool(args.grad_checkpoint)
     params = model.trainable_parameters()

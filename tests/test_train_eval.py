@@ -159,3 +159,46 @@ def test_validation_keeps_the_best_checkpoint(data, tiny_clip_config, tmp_path):
     history = [json.loads((run / "checkpoint" / "config.json").read_text())["meta"]]
     assert 0.0 <= best["pixel_auroc"] <= 1.0 and best["epoch"] in (1, 2)
     assert "val" in history[0]["metrics"] and history[0]["metrics"]["val"]["score"] <= best["pixel_auroc"] + 1e-12
+
+
+def test_bf16_training_casts_frozen_weights_with_identical_results(data, tiny_clip_config, tmp_path, monkeypatch):
+    """--precision bf16 stores the frozen CLIP in bf16 (not when the checkpoint keeps the CLIP):
+    the trained adapters are bit-identical either way."""
+    from safetensors.torch import save_file
+
+    from moeclip.backbone import create_clip
+    from moeclip.config import BackboneConfig
+    from moeclip.model import MoECLIP
+
+    cast_calls = []
+    original = MoECLIP.cast_frozen_weights
+
+    def spy(self, precision):
+        out = original(self, precision)
+        cast_calls.append(self.frozen_dtype)
+        return out
+
+    monkeypatch.setattr(MoECLIP, "cast_frozen_weights", spy)
+
+    torch.manual_seed(4)
+    clip = create_clip(BackboneConfig(model=str(tiny_clip_config), pretrained=None, image_size=64))
+    weights = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
+    runs = {}
+    for name, extra in (("cast", []), ("plain", ["--include-backbone"])):
+        args = train_args(data, tiny_clip_config, tmp_path / name, "--epochs", "1", "--precision", "bf16", *extra)
+        args[args.index("--clip-weights") + 1] = str(weights)
+        cast_calls.clear()
+        assert main(args) == 0
+        assert cast_calls == ([torch.bfloat16] if name == "cast" else [])
+        runs[name] = load_file(str(tmp_path / name / "checkpoint" / "adapters.safetensors"))
+    assert not (tmp_path / "cast" / "checkpoint" / "clip.safetensors").exists()
+    assert (tmp_path / "plain" / "checkpoint" / "clip.safetensors").exists()
+    a, b = runs["cast"], runs["plain"]
+    assert a.keys() == b.keys() and any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    out = tmp_path / "eval"
+    assert main(["test", "--checkpoint", str(tmp_path / "cast" / "checkpoint"), "--data", f"folder={data / 'held'}",
+                 "--out", str(out), "--precision", "bf16"]) == 0
+    m = json.loads((out / "results.json").read_text())["datasets"][0]["per_class"]["wood"]
+    assert 0.0 <= m["pixel_auroc"] <= 1.0

@@ -138,6 +138,9 @@ def save_checkpoint(model, directory: str | Path, meta: Optional[Dict[str, Any]]
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
     model_doc = model.config.to_dict()
     if include_backbone:
+        if getattr(model, "frozen_dtype", None) is not None:
+            raise MoECLIPError(f"{directory}: cannot store the CLIP weights: they were cast to {model.frozen_dtype} "
+                               "for low-precision running; save from a model that was not cast")
         clip_state = {k: v.detach().to("cpu").contiguous() for k, v in model.clip.state_dict().items()}
         atomic_write(directory / CLIP_WEIGHTS_FILE, lambda tmp: save_file(clip_state, tmp))
         src = Path(model.config.backbone.model)

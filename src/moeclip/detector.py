@@ -71,6 +71,8 @@ class Detector:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision
+        autocast(self.device, precision)  # validates the precision for this device
+        self.model.cast_frozen_weights(precision)  # bf16/fp16: same results, no per-batch re-cast
         self.domain = Domain.parse(domain)
         self.image_size = image_size or model.config.backbone.image_size
         self.normalization = normalization

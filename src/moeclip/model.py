@@ -44,6 +44,7 @@ class MoECLIP(nn.Module):
         cfg = adapter.resolved(dims["depth"])
         self.config = ModelConfig(backbone=backbone or BackboneConfig(pretrained=None), adapter=cfg)
         self.grad_checkpoint = False
+        self.frozen_dtype: Optional[torch.dtype] = None  # set by cast_frozen_weights
         freeze(clip)
         self.clip = clip
         self.sequence_first = use_sequence_first(clip.visual)
@@ -100,6 +101,25 @@ class MoECLIP(nn.Module):
                                    f"{tuple(v.shape)}; check the hyper-parameters")
         self.load_state_dict({**self.clip_state_prefixed(), **state}, strict=True)
 
+    def cast_frozen_weights(self, precision: str) -> "MoECLIP":
+        """bf16/fp16 runs: keep the frozen vision tower's matmul weights in that dtype.
+
+        Same results under autocast, bit for bit, without re-casting the frozen weights at
+        every forward (see ``precision.cast_frozen_weights``). Afterwards the model must run
+        under ``moeclip.precision.autocast(device, precision)``. The text tower is left
+        alone: its output is cached per description.
+        """
+        from .precision import PRECISIONS, cast_frozen_weights
+
+        if precision == "fp32":
+            return self
+        if self.frozen_dtype not in (None, PRECISIONS.get(precision)):
+            raise MoECLIPError(f"the frozen CLIP weights are already stored in {self.frozen_dtype}; "
+                               f"reload the model to run in {precision}")
+        cast_frozen_weights(self.clip.visual, precision)
+        self.frozen_dtype = PRECISIONS[precision]
+        return self
+
     def clip_state_prefixed(self) -> Dict[str, torch.Tensor]:
         return {f"clip.{k}": v for k, v in self.clip.state_dict().items()}
 
@@ -114,6 +134,10 @@ class MoECLIP(nn.Module):
         cfg = self.adapter_config
         if compute_losses is None:
             compute_losses = self._losses_active()
+        if self.frozen_dtype is not None and not (torch.is_autocast_enabled(images.device.type) and
+                                                  torch.get_autocast_dtype(images.device.type) == self.frozen_dtype):
+            raise MoECLIPError(f"the frozen CLIP weights are stored in {self.frozen_dtype} (cast_frozen_weights): "
+                               "run the model under moeclip.precision.autocast with that precision")
         visual = self.clip.visual
         blocks = visual.transformer.resblocks
         moe_at = {layer: i for i, layer in enumerate(cfg.moe_layers)}

@@ -86,7 +86,7 @@ def _run(args, out: Path, device) -> int:
         out.mkdir(parents=True, exist_ok=True)
     D.barrier()
     sources = build_sources(args.data, descriptions=args.descriptions, fix_typos=args.fix_typos, domain=args.domain)
-    model = load_model_from_args(args).to(device)
+    model = load_model_from_args(args).to(device).cast_frozen_weights(args.precision)
     size = model.config.backbone.image_size
 
     writer = _map_writer(out, args) if (args.save_maps or args.visualize) else None

@@ -84,7 +84,9 @@ def register(sub) -> None:
                    help="recompute frozen blocks after the first MoE layer in backward (less memory)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto")
-    r.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    r.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="fp32 (default), or autocast to bf16/fp16 (losses in fp32; the frozen CLIP weights are "
+                        "stored in that dtype once, unless the checkpoints must store the CLIP itself)")
     r.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")

@@ -137,6 +137,10 @@ class Trainer:
 
             ids = [device.index] if device.type == "cuda" else None
             self.ddp = DDP(self.loss_module, device_ids=ids, find_unused_parameters=False)
+        if not cfg.include_backbone:
+            # bf16/fp16: frozen weights cast once, bit-identical under autocast (not when the
+            # checkpoints must store the CLIP itself in full precision)
+            model.cast_frozen_weights(cfg.precision)
         self.params = model.trainable_parameters()
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=tuple(cfg.betas))
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.milestones), cfg.gamma)
