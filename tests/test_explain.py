@@ -261,3 +261,16 @@ def test_analyze_cli_data_argument_and_errors(checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--data" in err and "matches nothing" in err
     assert spread(list("abcdefghij"), 3) == ["a", "d", "g"] and spread(list("ab"), 0) == ["a", "b"]
+
+
+def test_explain_and_analyze_run_in_bf16(checkpoint, image_dir, tmp_path):
+    """bf16 casts the frozen CLIP (Detector); both commands must still run under autocast."""
+    img = image_dir / "img0.png"
+    out = tmp_path / "explain16"
+    assert main(["explain", "--checkpoint", str(checkpoint), "--object", "bottle", str(img), "--out", str(out),
+                 "--device", "cpu", "--precision", "bf16"]) == 0
+    assert json.loads((out / "explain.json").read_text())["files"]["experts"]
+    out = tmp_path / "analyze16"
+    assert main(["analyze", "experts", "--checkpoint", str(checkpoint), "--images", str(image_dir),
+                 "--max-images", "3", "--out", str(out), "--device", "cpu", "--precision", "bf16"]) == 0
+    assert json.loads((out / "experts.json").read_text())["images"] == 3

@@ -296,5 +296,5 @@ def explain_image(model, image: torch.Tensor, text: torch.Tensor, domain: "Domai
     return ImageExplanation(
         grid=tuple(v.grid), blocks=list(cfg.moe_layers), top1=top1, top1_count=cnt, top1_mean_weight=mw,
         entropy=ent, max_entropy=math.log(E), contributions=contrib[0].float().cpu().numpy(),
-        smoothed=smoothed[0].cpu().numpy(), anomaly_map=amap[0].float().cpu().numpy(),
+        smoothed=smoothed[0].float().cpu().numpy(), anomaly_map=amap[0].float().cpu().numpy(),
         raw_score=float(image_score(v.det_feature, text)[0]), labels=map_labels(model))
