@@ -211,21 +211,27 @@ def test_losses_train_mode_vs_released(tiny_clip_config):
     assert all(m.experts.dropout == 0 for m in released.moe)
 
 
-def test_grad_checkpoint_gives_same_gradients(tiny_clip_config):
+@pytest.mark.parametrize("options", [{}, {"seg_proj": "separate", "relu": True}, {"paa": False}])
+def test_grad_checkpoint_gives_same_gradients(tiny_clip_config, options):
+    """Blocks, seg head and loss maps recomputed in backward: same losses and gradients."""
     clip = create_clip(BackboneConfig(model=str(tiny_clip_config), pretrained=None, image_size=64))
     torch.manual_seed(3)
-    model = MoECLIP(clip, AdapterConfig(lora_dropout=0.0))
+    model = MoECLIP(clip, AdapterConfig(lora_dropout=0.0, **options))
     for m in model.moe:
         torch.nn.init.normal_(m.experts.lora_B, std=0.1)
     images, masks = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.8).float()
     labels = torch.tensor([0, 1])
-    grads = []
+    grads, losses = [], []
     for ckpt in (False, True):
         model.grad_checkpoint = ckpt
         model.zero_grad()
         model.train()
-        model.compute_losses(images, masks, labels, model.text_features("x"))["total"].backward()
+        out = model.compute_losses(images, masks, labels, model.text_features("x"))
+        out["total"].backward()
+        losses.append(out["seg"].detach())
         grads.append([p.grad.clone() for p in model.trainable_parameters()])
+    assert losses[0].shape == (model.adapter_config.num_maps,)
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 

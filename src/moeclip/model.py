@@ -32,6 +32,7 @@ class VisionOutput:
     balance_loss: Optional[torch.Tensor] = None
     etf_loss: Optional[torch.Tensor] = None
     moe_inputs: List[torch.Tensor] = field(default_factory=list)  # token streams entering each MoE adapter
+    levels: List[torch.Tensor] = field(default_factory=list)  # (B, H*W, D) patch tokens per level (seg_head=False)
 
 
 class MoECLIP(nn.Module):
@@ -129,8 +130,12 @@ class MoECLIP(nn.Module):
         return self.training and not cfg.released_training and (cfg.etf_weight > 0 or cfg.balance_weight > 0)
 
     def encode_image(self, images: torch.Tensor, compute_losses: Optional[bool] = None,
-                     keep_moe_inputs: bool = False) -> VisionOutput:
-        """Run the tower with the MoE adapters; ``images`` are CLIP-normalised (B, 3, S, S)."""
+                     keep_moe_inputs: bool = False, seg_head: bool = True) -> VisionOutput:
+        """Run the tower with the MoE adapters; ``images`` are CLIP-normalised (B, 3, S, S).
+
+        ``seg_head=False`` returns the levels' patch tokens instead of the seg features
+        (``seg_features`` empty), for callers that run :meth:`seg_head` themselves.
+        """
         cfg = self.adapter_config
         if compute_losses is None:
             compute_losses = self._losses_active()
@@ -174,16 +179,23 @@ class MoECLIP(nn.Module):
 
         grid = tuple(visual.grid_size)
         # ln_post is per token, so CLS can be dropped before PAA and the LayerNorm
-        maps = aggregate_levels([t[:, 1:] for t in levels], grid, cfg.paa_radii)
-        n_r = len(cfg.paa_radii)
-        seg = []
-        for j, t in enumerate(maps):
-            proj = self.seg_proj[j // n_r if cfg.seg_proj == "shared" else j]
-            seg.append(F.normalize(proj(visual.ln_post(t)), dim=-1))
-        det = F.normalize(self.det_proj(visual.ln_post(levels[-1][:, 1:])), dim=-1).mean(1)
+        patches = [t[:, 1:] for t in levels]
+        seg = [f for i, t in enumerate(patches) for f in self.seg_head(t, i, grid)] if seg_head else []
+        det = F.normalize(self.det_proj(visual.ln_post(patches[-1])), dim=-1).mean(1)
         return VisionOutput(seg, det, grid, routing,
                             torch.stack(bal).sum() if bal else None,
-                            torch.stack(etf).sum() if etf else None, inputs)
+                            torch.stack(etf).sum() if etf else None, inputs,
+                            [] if seg_head else patches)
+
+    def seg_head(self, patches: torch.Tensor, level: int, grid: Tuple[int, int]) -> List[torch.Tensor]:
+        """One level's seg features: PAA per radius, ln_post, projection, L2 norm (level-major order)."""
+        cfg = self.adapter_config
+        n_r = len(cfg.paa_radii)
+        out = []
+        for k, t in enumerate(aggregate_levels([patches], grid, cfg.paa_radii)):
+            proj = self.seg_proj[level if cfg.seg_proj == "shared" else level * n_r + k]
+            out.append(F.normalize(proj(self.clip.visual.ln_post(t)), dim=-1))
+        return out
 
     # ------------------------------------------------------------------ text
     def text_features(self, description: str) -> torch.Tensor:
@@ -208,15 +220,29 @@ class MoECLIP(nn.Module):
                        text: torch.Tensor) -> Dict[str, torch.Tensor]:
         """All loss terms of one batch. ``text`` is (D, 2) for the whole batch or (B, D, 2) per image."""
         cfg = self.adapter_config
-        out = self.encode_image(images)
+        low_memory = self.grad_checkpoint and torch.is_grad_enabled()
+        out = self.encode_image(images, seg_head=not low_memory)
         if text.dim() == 2:
             text = text.unsqueeze(0).expand(images.shape[0], -1, -1)
         text = text.to(out.det_feature.dtype)
         logits = (out.det_feature.unsqueeze(1) @ text)[:, 0]
         ce = F.cross_entropy(logits.float(), labels.long())
         size = tuple(masks.shape[-2:])
-        seg = torch.stack([segmentation_loss(segmentation_probs(f, text, out.grid, size).float(), masks.float())
-                           for f in out.seg_features])
+        masks = masks.float()
+
+        def map_loss(f: torch.Tensor) -> torch.Tensor:
+            return segmentation_loss(segmentation_probs(f, text, out.grid, size).float(), masks)
+
+        def level_losses(patches: torch.Tensor, level: int) -> torch.Tensor:
+            return torch.stack([map_loss(f) for f in self.seg_head(patches, level, out.grid)])
+
+        if low_memory:
+            # At 518 px the seg head (PAA, LayerNorm, projection per map) and the 12 full-resolution
+            # maps with their focal/Dice intermediates weigh more than the checkpointed blocks: keep
+            # only each level's patch tokens and recompute one level's maps at a time in backward.
+            seg = torch.cat([checkpoint(level_losses, t, i, use_reentrant=False) for i, t in enumerate(out.levels)])
+        else:
+            seg = torch.stack([map_loss(f) for f in out.seg_features])
         zero = ce.new_zeros(())
         bal = out.balance_loss if out.balance_loss is not None else zero
         etf = out.etf_loss if out.etf_loss is not None else zero
