@@ -186,10 +186,12 @@ v = load("vs_official")
 if v:
     lines += ["", "vs official (fp32, batch 2):"]
     if "inference" in v and "speedup" in v["inference"]:
-        lines.append(f"  inference speedup x{v['inference']['speedup']:.2f}")
+        i = v["inference"]
+        lines.append(f"  inference speedup x{i['speedup']:.2f} (ceiling: official / plain CLIP x{i['ceiling_speedup']:.2f})")
     for mode, tr in v.get("training", {}).items():
         if "speedup" in tr:
-            lines.append(f"  train ({mode}) speedup x{tr['speedup']:.2f}")
+            lines.append(f"  train ({mode}) speedup x{tr['speedup']:.2f} (ceiling: official / frozen-tower "
+                         f"floor x{tr['ceiling_speedup']:.2f})")
     if "memory_ratio" in v:
         lines.append(f"  memory official/ours: {v['memory_ratio']}")
 text = "\n".join(lines)
