@@ -211,12 +211,14 @@ def test_losses_train_mode_vs_released(tiny_clip_config):
     assert all(m.experts.dropout == 0 for m in released.moe)
 
 
-@pytest.mark.parametrize("options", [{}, {"seg_proj": "separate", "relu": True}, {"paa": False}])
+@pytest.mark.parametrize("options", [{}, {"seg_proj": "separate", "relu": True}, {"paa": False},
+                                     {"lora_dropout": 0.3}])
 def test_grad_checkpoint_gives_same_gradients(tiny_clip_config, options):
-    """Blocks, seg head and loss maps recomputed in backward: same losses and gradients."""
+    """Blocks, MoE adapters, seg head and loss maps recomputed in backward: same losses and
+    gradients (with LoRA dropout too: the recomputation must draw the same masks)."""
     clip = create_clip(BackboneConfig(model=str(tiny_clip_config), pretrained=None, image_size=64))
     torch.manual_seed(3)
-    model = MoECLIP(clip, AdapterConfig(lora_dropout=0.0, **options))
+    model = MoECLIP(clip, AdapterConfig(**{"lora_dropout": 0.0, **options}))
     for m in model.moe:
         torch.nn.init.normal_(m.experts.lora_B, std=0.1)
     images, masks = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.8).float()
@@ -226,6 +228,7 @@ def test_grad_checkpoint_gives_same_gradients(tiny_clip_config, options):
         model.grad_checkpoint = ckpt
         model.zero_grad()
         model.train()
+        torch.manual_seed(11)
         out = model.compute_losses(images, masks, labels, model.text_features("x"))
         out["total"].backward()
         losses.append(out["seg"].detach())

@@ -156,6 +156,13 @@ class MoECLIP(nn.Module):
                 return checkpoint(blocks[i], x, use_reentrant=False)
             return blocks[i](x)
 
+        def run_moe(k: int, x: torch.Tensor):
+            # the adapters' saved tensors (LoRA dropout runs on E copies of the tokens) are
+            # recomputed too; checkpoint restores the RNG, so the dropout masks are the same
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                return checkpoint(self.moe[k], x, compute_losses, use_reentrant=False)
+            return self.moe[k](x, compute_losses)
+
         levels, routing, bal, etf, inputs = [], [], [], [], []
         with torch.no_grad():
             x = visual._embeds(images.to(visual.conv1.weight.dtype))
@@ -168,7 +175,7 @@ class MoECLIP(nn.Module):
             if i in moe_at:
                 if keep_moe_inputs:
                     inputs.append(to_bld(x))
-                out = self.moe[moe_at[i]](x, compute_losses)  # per token: any layout
+                out = run_moe(moe_at[i], x)  # per token: any layout
                 x = out.x
                 routing.append(Routing(*(to_bld(t) for t in out.routing)))
                 if compute_losses:
