@@ -81,7 +81,8 @@ def register(sub) -> None:
     o.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     o.add_argument("--no-augment", action="store_true", help="disable the joint geometric augmentation")
     o.add_argument("--grad-checkpoint", action="store_true",
-                   help="recompute the frozen blocks after the first MoE layer and the full-resolution loss maps in backward (less memory, ~25%% slower)")
+                   help="recompute in backward instead of storing: the frozen blocks after the first MoE layer, "
+                        "the MoE adapters, the seg head and the full-resolution loss maps (less memory, ~25-35%% slower)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto")
     r.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
