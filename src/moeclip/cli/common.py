@@ -84,7 +84,7 @@ def add_model_args(parser: argparse.ArgumentParser, checkpoint_required: bool = 
     r.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
     r.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="fp32 (default), or autocast to bf16/fp16; the frozen CLIP weights are then stored in "
-                        "that dtype once (same results as plain autocast, faster, half their memory)")
+                        "that dtype once (same results as plain autocast, no re-cast per batch, half their memory)")
 
 
 def model_options(args: argparse.Namespace) -> Dict[str, Any]:
