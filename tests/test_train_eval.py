@@ -197,6 +197,11 @@ def test_bf16_training_casts_frozen_weights_with_identical_results(data, tiny_cl
     a, b = runs["cast"], runs["plain"]
     assert a.keys() == b.keys() and any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    args = train_args(data, tiny_clip_config, tmp_path / "cast", "--epochs", "2", "--precision", "bf16", "--resume")
+    args[args.index("--clip-weights") + 1] = str(weights)
+    assert main(args) == 0  # resuming a cast run reloads the adapters into a cast model
+    resumed = load_file(str(tmp_path / "cast" / "checkpoint" / "adapters.safetensors"))
+    assert any(not torch.equal(resumed[k], a[k]) for k in a)
     out = tmp_path / "eval"
     assert main(["test", "--checkpoint", str(tmp_path / "cast" / "checkpoint"), "--data", f"folder={data / 'held'}",
                  "--out", str(out), "--precision", "bf16"]) == 0
