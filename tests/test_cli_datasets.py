@@ -133,3 +133,14 @@ def test_synth_output_scans_cleanly(tmp_path, capsys):
     assert main(["datasets", "scan", "--data", f"folder={out}", "--strict"]) == 0
     rows = table_rows(capsys.readouterr().out)
     assert rows["total"] == [4, 6, 6, 0]
+
+
+def test_cli_parser_builds_without_importing_torch():
+    """`moeclip --help` and argument errors answer at once: no torch/torchvision import (~3 s) to build the parser."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from moeclip.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

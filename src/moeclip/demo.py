@@ -16,8 +16,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Dict, Optional
 
-import torch
-
 from .config import AdapterConfig, BackboneConfig, ModelConfig
 from .errors import MoECLIPError
 
@@ -50,6 +48,8 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, say=print) -> Dict:
+    import torch
+
     from .checkpoint import save_checkpoint
     from .data.synth import DEFAULT_HELDOUT_CATEGORIES, DEFAULT_TRAIN_CATEGORIES, generate_dataset
     from .engine.evaluate import evaluate_source, format_table

@@ -56,7 +56,7 @@ def model_config_from_args(args) -> ModelConfig:
 
 
 def register(sub) -> None:
-    from ..engine.train import TrainConfig
+    from ..engine.config import TrainConfig
 
     t = TrainConfig()
     p = sub.add_parser("train", help="train MoECLIP on auxiliary annotated data",

@@ -8,9 +8,8 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from ..data.dataset import ZSADDataset, collate
 from ..errors import MoECLIPError
 from ..precision import autocast
 from . import distributed as dist_utils
+from .config import TrainConfig  # noqa: F401  (re-exported: moeclip.engine.train.TrainConfig)
 from .evaluate import EvalSource, evaluate_source
 
 log = logging.getLogger(__name__)
@@ -30,27 +30,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 LAST_DIR = "checkpoint"
 BEST_DIR = "best"
-
-
-@dataclass
-class TrainConfig:
-    """Defaults are the official protocol (released code's learning rate; the paper states 5e-4)."""
-
-    epochs: int = 20
-    batch_size: int = 2
-    lr: float = 5e-5
-    betas: Tuple[float, float] = (0.5, 0.999)
-    milestones: Tuple[int, ...] = (16000, 32000)
-    gamma: float = 0.5
-    seed: int = 111
-    precision: str = "fp32"
-    grad_accum: int = 1
-    workers: int = 0
-    grad_checkpoint: bool = False
-    max_steps: Optional[int] = None  # stop early (smoke tests, the demo's time budget)
-    augment: bool = True
-    include_backbone: bool = False   # store the CLIP in the checkpoint (random/custom backbones)
-    val_metric: str = "pixel_auroc"
 
 
 class _LossModule(nn.Module):
