@@ -93,12 +93,32 @@ def _torchrun(args, cwd):
     return proc
 
 
+@pytest.fixture(scope="module")
+def clip_weights(tiny_clip_config, tmp_path_factory):
+    """The tiny CLIP as a weight file: training then keeps only adapters (and casts for bf16)."""
+    from safetensors.torch import save_file
+
+    from moeclip.backbone import create_clip
+    from moeclip.config import BackboneConfig
+
+    torch.manual_seed(4)
+    clip = create_clip(BackboneConfig(model=str(tiny_clip_config), pretrained=None, image_size=64))
+    path = tmp_path_factory.mktemp("clipw") / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
+    return path
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_train_like_one_big_batch(data, tiny_clip_config, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_torchrun_two_processes_train_like_one_big_batch(data, tiny_clip_config, clip_weights, tmp_path, precision):
     """DDP with gloo: both ranks hold identical weights after training (checked through a
-    hash the ranks exchange) and only rank 0 writes the checkpoint."""
+    hash the ranks exchange) and only rank 0 writes the checkpoint; bf16 with the frozen
+    weights cast (a weight file, so the checkpoint keeps adapters only)."""
     run = tmp_path / "ddp"
-    _torchrun(train_args(data, tiny_clip_config, run, "--epochs", "1", "--batch-size", "2"), tmp_path)
+    args = train_args(data, tiny_clip_config, run, "--epochs", "1", "--batch-size", "2", "--precision", precision)
+    if precision == "bf16":
+        args[args.index("--clip-weights") + 1] = str(clip_weights)
+    _torchrun(args, tmp_path)
     assert (run / "checkpoint" / "adapters.safetensors").is_file()
     ranks = json.loads((run / "checkpoint" / "config.json").read_text())["meta"]
     assert ranks["world_size"] == 2 and len(set(ranks["weight_digests"])) == 1
@@ -161,13 +181,10 @@ def test_validation_keeps_the_best_checkpoint(data, tiny_clip_config, tmp_path):
     assert "val" in history[0]["metrics"] and history[0]["metrics"]["val"]["score"] <= best["pixel_auroc"] + 1e-12
 
 
-def test_bf16_training_casts_frozen_weights_with_identical_results(data, tiny_clip_config, tmp_path, monkeypatch):
+def test_bf16_training_casts_frozen_weights_with_identical_results(data, tiny_clip_config, clip_weights, tmp_path,
+                                                                  monkeypatch):
     """--precision bf16 stores the frozen CLIP in bf16 (not when the checkpoint keeps the CLIP):
     the trained adapters are bit-identical either way."""
-    from safetensors.torch import save_file
-
-    from moeclip.backbone import create_clip
-    from moeclip.config import BackboneConfig
     from moeclip.model import MoECLIP
 
     cast_calls = []
@@ -180,10 +197,7 @@ def test_bf16_training_casts_frozen_weights_with_identical_results(data, tiny_cl
 
     monkeypatch.setattr(MoECLIP, "cast_frozen_weights", spy)
 
-    torch.manual_seed(4)
-    clip = create_clip(BackboneConfig(model=str(tiny_clip_config), pretrained=None, image_size=64))
-    weights = tmp_path / "clip.safetensors"
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
+    weights = clip_weights
     runs = {}
     for name, extra in (("cast", []), ("plain", ["--include-backbone"])):
         args = train_args(data, tiny_clip_config, tmp_path / name, "--epochs", "1", "--precision", "bf16", *extra)
