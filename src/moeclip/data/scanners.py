@@ -141,6 +141,23 @@ class _Collector:
     def problem(self, path: PathLike, message: str) -> None:
         self.problems.append(f"{path}: {message}")
 
+    def add_anomalous(self, images: Sequence[Path], masks: Mapping[str, Path], class_name: str, mask_dir: PathLike,
+                      image_dir: PathLike, *, defect: Optional[str] = None, report_missing: bool = True) -> None:
+        """Anomalous images paired with their masks by stem (``x`` or ``x_mask``). An image without a
+        mask is kept without pixel GT (and reported); a mask without an image is reported."""
+        used = set()
+        for image in images:
+            mask = _match_mask(image.stem, masks, ("", "_mask"))
+            if mask is None:
+                if report_missing:
+                    self.problem(image, f"anomalous image has no mask in {mask_dir}")
+            else:
+                used.add(mask)
+            self.add(image, 1, class_name, mask, defect=defect, has_pixel_gt=mask is not None)
+        for mask in masks.values():
+            if mask not in used:
+                self.problem(mask, f"mask without a matching image in {image_dir}")
+
     def result(self) -> ScanResult:
         return ScanResult(self.samples, self.problems, self.root)
 
@@ -369,23 +386,13 @@ def scan_visa(root: PathLike, *, classes: Sequence[str], dataset: str = "VisA") 
         images_dir = root / cls / "Data" / "Images"
         mask_dir = root / cls / "Data" / "Masks" / "Anomaly"
         masks = _index_by_stem(_image_files(mask_dir))
-        used = set()
         normals = _image_files(images_dir / "Normal")
         anomalies = _image_files(images_dir / "Anomaly")
         if not normals and not anomalies:
             out.problem(images_dir, f"class {cls!r} has no images")
         for image in normals:
             out.add(image, 0, cls)
-        for image in anomalies:
-            mask = _match_mask(image.stem, masks, ("", "_mask"))
-            if mask is None:
-                out.problem(image, f"anomalous image has no mask in {mask_dir}")
-            else:
-                used.add(mask)
-            out.add(image, 1, cls, mask, has_pixel_gt=mask is not None)
-        for mask in masks.values():
-            if mask not in used:
-                out.problem(mask, f"mask without a matching image in {images_dir / 'Anomaly'}")
+        out.add_anomalous(anomalies, masks, cls, mask_dir, images_dir / "Anomaly")
     return out.result()
 
 
@@ -422,18 +429,9 @@ def scan_bmad(root: PathLike, *, dataset: str, class_name: str) -> ScanResult:
             masks: Dict[str, Path] = {}
         else:
             masks = _index_by_stem(_image_files(mask_dir))
-        used = set()
-        for image in images:
-            mask = _match_mask(image.stem, masks, ("", "_mask"))
-            if mask is None and mask_dir is not None:
-                out.problem(image, f"anomalous image has no mask in {mask_dir}")
-            if mask is not None:
-                used.add(mask)
-            out.add(image, 1, class_name, mask, defect=specie_dir.name,
-                    has_pixel_gt=mask is not None)
-        for mask in masks.values():
-            if mask not in used:
-                out.problem(mask, f"mask without a matching image in {specie_dir / 'img'}")
+        # without a mask folder, the folder itself was reported above
+        out.add_anomalous(images, masks, class_name, mask_dir, specie_dir / "img", defect=specie_dir.name,
+                          report_missing=mask_dir is not None)
     if count == 0:
         out.problem(test, f"class {class_name!r} has no test images")
     return out.result()
@@ -482,17 +480,7 @@ def scan_image_mask_pairs(root: PathLike, *, dataset: str, class_name: str,
     masks = _index_by_stem(_image_files(base / "masks"))
     if not images:
         out.problem(base / "images", f"class {class_name!r} has no images")
-    used = set()
-    for image in images:
-        mask = _match_mask(image.stem, masks, ("", "_mask"))
-        if mask is None:
-            out.problem(image, f"anomalous image has no mask in {base / 'masks'}")
-        else:
-            used.add(mask)
-        out.add(image, 1, class_name, mask, has_pixel_gt=mask is not None)
-    for mask in masks.values():
-        if mask not in used:
-            out.problem(mask, f"mask without a matching image in {base / 'images'}")
+    out.add_anomalous(images, masks, class_name, base / "masks", base / "images")
     return out.result()
 
 
