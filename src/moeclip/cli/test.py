@@ -62,15 +62,8 @@ def run(args) -> int:
     from ..engine import distributed as D
     from ..precision import resolve_device
 
-    out = Path(args.out)
-    device = resolve_device(args.device)
-    distributed = D.init_from_env(device)
-    device = D.local_device(device)
-    try:
-        return _run(args, out, device)
-    finally:
-        if distributed:
-            D.shutdown()
+    with D.session(resolve_device(args.device)) as device:
+        return _run(args, Path(args.out), device)
 
 
 def _run(args, out: Path, device) -> int:

@@ -102,14 +102,12 @@ def run(args) -> int:
     from ..engine import distributed as D
     from ..engine.sources import build_sources
     from ..engine.train import Trainer, TrainConfig, prepare_run_dir
+    from ..fileio import atomic_write_text
     from ..model import MoECLIP
     from ..precision import resolve_device
 
     run_dir = Path(args.out)
-    device = resolve_device(args.device)
-    distributed = D.init_from_env(device)
-    device = D.local_device(device)
-    try:
+    with D.session(resolve_device(args.device)) as device:
         if D.is_main():
             prepare_run_dir(run_dir, args.resume, args.overwrite)
         D.barrier()
@@ -137,13 +135,10 @@ def run(args) -> int:
         say(f"training on {n} images ({', '.join(s.name for s in sources)}), {sum(p.numel() for p in trainer.params):,} "
             f"trainable parameters, {D.world_size()} process(es), device {device}")
         if D.is_main():
-            (run_dir / "train_args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+            atomic_write_text(run_dir / "train_args.json", json.dumps(vars(args), indent=2, default=str) + "\n")
         history = trainer.train()
         if history:
             last = history[max(history)]
             say(f"done: epoch {trainer.epoch}, step {trainer.step}, loss {last.get('loss', float('nan')):.4f}; "
                 f"checkpoint in {run_dir / 'checkpoint'}")
         return 0
-    finally:
-        if distributed:
-            D.shutdown()

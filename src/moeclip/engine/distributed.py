@@ -1,8 +1,9 @@
 """torchrun support: process group setup, rank helpers, exact gathers."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, List
+from typing import Any, Iterator, List
 
 import torch
 import torch.distributed as dist
@@ -58,3 +59,15 @@ def barrier() -> None:
 def shutdown() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: torch.device) -> Iterator[torch.device]:
+    """A command's run under torchrun or alone: join the process group if launched so, yield this
+    process's device (cuda:LOCAL_RANK), leave the group at the end."""
+    joined = init_from_env(device)
+    try:
+        yield local_device(device)
+    finally:
+        if joined:
+            shutdown()
