@@ -162,7 +162,7 @@ lines = [f"{os.environ.get('CLIP_MODEL', 'ViT-L-14-336')} @ {os.environ.get('IMA
          f"{'run':18s} {'CLIP img/s':>11s} {'MoECLIP img/s':>14s} {'ratio':>7s} {'map share':>10s}"]
 tb = os.environ.get("TRAIN_BATCH", "8")
 names = [f"overhead_b{b}" for b in os.environ.get("BATCHES", "1 8 32").split()] + \
-    [f"overhead_nocast_b1", f"overhead_nocast_b{tb}", f"overhead_fp32_b{tb}"]
+    ["overhead_nocast_b1", f"overhead_nocast_b{tb}", f"overhead_fp32_b{tb}"]
 for name in names:
     d = load(name)
     if d:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .data.io import load_image, to_pil_rgb
 from .data.transforms import preprocess_image
-from .precision import autocast, resolve_device
+from .precision import autocast, check_precision, resolve_device
 from .prompts import GENERIC_OBJECT
 from .scoring import Domain, final_image_score
 
@@ -71,7 +71,7 @@ class Detector:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision
-        autocast(self.device, precision)  # validates the precision for this device
+        check_precision(self.device, precision)
         self.model.cast_frozen_weights(precision)  # bf16/fp16: same results, no per-batch re-cast
         self.domain = Domain.parse(domain)
         self.image_size = image_size or model.config.backbone.image_size

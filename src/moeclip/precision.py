@@ -22,14 +22,19 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def autocast(device: torch.device, precision: str):
-    """Autocast context for bf16/fp16 (weights stay fp32; the losses are computed in fp32)."""
+def check_precision(device: torch.device, precision: str) -> None:
+    """A clear error for a precision that is unknown or that ``device`` cannot run."""
     if precision not in PRECISIONS:
         raise MoECLIPError(f"unknown precision {precision!r} (use fp32, bf16 or fp16)")
-    if precision == "fp32":
-        return contextlib.nullcontext()
     if precision == "fp16" and device.type == "cpu":
         raise MoECLIPError("fp16 is not supported on CPU; use bf16 or fp32")
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for bf16/fp16 (the losses are computed in fp32)."""
+    check_precision(device, precision)
+    if precision == "fp32":
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
 
 
@@ -44,10 +49,10 @@ def cast_frozen_weights(module: torch.nn.Module, precision: str) -> int:
     weights; LayerNorms, embeddings and anything trainable stay as they are. Returns the
     number of tensors cast.
     """
-    if precision == "fp32":
-        return 0
     if precision not in PRECISIONS:
         raise MoECLIPError(f"unknown precision {precision!r} (use fp32, bf16 or fp16)")
+    if precision == "fp32":
+        return 0
     dtype = PRECISIONS[precision]
     names = {torch.nn.Linear: ("weight", "bias"), torch.nn.Conv2d: ("weight", "bias"),
              torch.nn.MultiheadAttention: ("in_proj_weight", "in_proj_bias", "q_proj_weight",
