@@ -46,7 +46,7 @@ def add_model_args(parser: argparse.ArgumentParser, batch_size: int = 1, image_s
     parser.add_argument("--image-size", type=int, default=image_size)
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="fp32, or autocast to bf16/fp16 (weights stay fp32)")
+                        help="fp32, or autocast to bf16/fp16 (frozen CLIP weights cast once, see --no-cast-frozen)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     parser.add_argument("--no-cast-frozen", dest="cast_frozen", action="store_false",
                         help="bf16/fp16: leave the frozen CLIP weights in fp32 (autocast re-casts them at every "

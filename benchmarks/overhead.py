@@ -55,9 +55,7 @@ def main(argv=None) -> dict:
     seg, grid = vision.seg_features, vision.grid
     text_cast = text.to(vision.det_feature.dtype)
 
-    def run_clip():
-        with common.autocast(device, args.precision), torch.inference_mode():
-            return model.clip.encode_image(images)
+    run_clip = common.clip_floor_infer(model, images, device, args.precision)
 
     def run_moeclip():
         with common.autocast(device, args.precision):
@@ -76,14 +74,11 @@ def main(argv=None) -> dict:
             with common.autocast(device, args.precision):
                 return plain.predict(images, text, "industrial")
 
-        def run_plain_clip():
-            with common.autocast(device, args.precision), torch.inference_mode():
-                return plain.clip.encode_image(images)
-
         with common.autocast(device, args.precision):
             same = torch.equal(plain.predict(images, text, "industrial")["anomaly_map"],
                                model.predict(images, text, "industrial")["anomaly_map"])
-        fns.update(clip_autocast_only=run_plain_clip, moeclip_autocast_only=run_plain)
+        fns.update(clip_autocast_only=common.clip_floor_infer(plain, images, device, args.precision),
+                   moeclip_autocast_only=run_plain)
     cpu = {}
     times = common.bench(fns, device, args.warmup, args.repeats, cpu_times=cpu)
     s = {k: common.summary(v) for k, v in times.items()}
