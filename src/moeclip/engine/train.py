@@ -22,7 +22,7 @@ from ..data.dataset import ZSADDataset, collate
 from ..errors import MoECLIPError
 from ..precision import autocast
 from . import distributed as dist_utils
-from .config import TrainConfig  # noqa: F401  (re-exported: moeclip.engine.train.TrainConfig)
+from .config import TrainConfig  # defined torch-free for the CLI; importable from here too
 from .evaluate import EvalSource, evaluate_source
 
 log = logging.getLogger(__name__)
