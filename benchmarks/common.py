@@ -213,8 +213,8 @@ def mib(n: float) -> float:
 def build_moeclip(clip_model: str, image_size: int, device: torch.device, seed: int = 0,
                   released: bool = False, randomize: bool = True):
     """MoECLIP on a random-weight CLIP; adapters randomised so routing and experts are non-trivial."""
-    from moeclip.config import AdapterConfig, BackboneConfig, ModelConfig
-    from moeclip.model import MoECLIP
+    from moeclip.model.config import AdapterConfig, BackboneConfig, ModelConfig
+    from moeclip.model.moeclip import MoECLIP
 
     torch.manual_seed(seed)
     cfg = ModelConfig(backbone=BackboneConfig(model=clip_model, pretrained=None, image_size=image_size),

@@ -12,7 +12,7 @@ Times, interleaved (CLIP, MoECLIP, post-processing, CLIP, ...), after warm-up, w
              adapters, PAA, the 12 seg maps, the detection head, the anomaly map at the
              input resolution and the image score (text features cached beforehand, as
              at test time)
-  postproc   ``moeclip.scoring.anomaly_map`` alone on the features ``predict`` produced
+  postproc   ``moeclip.model.scoring.anomaly_map`` alone on the features ``predict`` produced
              (12 patch-text products, sum, one 7x7 blur, bilinear upsample)
 
 and reports medians, ``ratio = moeclip / clip``, the extra milliseconds per image and
@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     device = common.setup(args)
 
-    from moeclip.scoring import anomaly_map
+    from moeclip.model.scoring import anomaly_map
 
     print(f"building {args.clip_model} at {args.image_size} (random weights) on {device} ...", flush=True)
     model = common.build_moeclip(args.clip_model, args.image_size, device, args.seed)

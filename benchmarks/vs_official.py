@@ -19,7 +19,7 @@ Steps:
     MoECLIP (FOFS, PAA, shared seg projections, no ReLU: ``train.py``'s defaults);
     randomise router gates and LoRA B (else every token ties and experts output 0).
  2. Build ours on the same weights: the CLIP state dict as is (same parameter names),
-    the adapters through ``moeclip.checkpoint.official_to_ours``.
+    the adapters through ``moeclip.model.checkpoint.official_to_ours``.
  3. Check in fp32, eval mode: text features, anomaly maps (relative 1e-3), image
     scores (1e-5); and one released-mode training loss and its gradients.
  4. Time, interleaved, after warm-up:
@@ -159,9 +159,9 @@ def official_optimizer(model):
 # ---------------------------------------------------------------------------- ours
 def build_ours(clip_model: str, image_size: int, device: torch.device, clip_state, official_state,
                released: bool):
-    from moeclip.checkpoint import official_to_ours
-    from moeclip.config import AdapterConfig, BackboneConfig, ModelConfig
-    from moeclip.model import MoECLIP
+    from moeclip.model.checkpoint import official_to_ours
+    from moeclip.model.config import AdapterConfig, BackboneConfig, ModelConfig
+    from moeclip.model.moeclip import MoECLIP
 
     cfg = ModelConfig(backbone=BackboneConfig(model=clip_model, pretrained=None, image_size=image_size),
                       adapter=AdapterConfig(released_training=released))
@@ -253,7 +253,7 @@ def make_ours_step(model, opt, images, masks, labels, device, precision):
 
 # ---------------------------------------------------------------------------- checks
 def check_agreement(ref, off, ours, images, masks, labels, args, device) -> Dict[str, Any]:
-    from moeclip.checkpoint import ours_to_official
+    from moeclip.model.checkpoint import ours_to_official
 
     res: Dict[str, Any] = {}
     off.eval(), ours.eval()

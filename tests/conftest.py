@@ -42,9 +42,9 @@ def tiny_clip_config(tmp_path_factory) -> Path:
 
 def make_tiny_checkpoint(clip_config: Path, directory: Path, seed: int) -> Path:
     """A tiny random checkpoint whose experts and routers are non-trivial (the CLIP is stored in it)."""
-    from moeclip.checkpoint import save_checkpoint
-    from moeclip.config import AdapterConfig, BackboneConfig, ModelConfig
-    from moeclip.model import MoECLIP
+    from moeclip.model.checkpoint import save_checkpoint
+    from moeclip.model.config import AdapterConfig, BackboneConfig, ModelConfig
+    from moeclip.model.moeclip import MoECLIP
 
     torch.manual_seed(seed)
     model = MoECLIP.from_config(ModelConfig(BackboneConfig(model=str(clip_config), pretrained=None, image_size=64),

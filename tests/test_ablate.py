@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from moeclip.ablate import parse_switches, settings
+from moeclip.analysis.ablate import parse_switches, settings
 from moeclip.cli import main
 from moeclip.data.synth import generate_dataset
 from moeclip.errors import MoECLIPError

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moeclip.backbone import create_clip, read_weight_file
-from moeclip.checkpoint import load_model, read_checkpoint, read_official, save_checkpoint
-from moeclip.config import AdapterConfig, BackboneConfig, ModelConfig
+from moeclip.model.backbone import create_clip, read_weight_file
+from moeclip.model.checkpoint import load_model, read_checkpoint, read_official, save_checkpoint
+from moeclip.model.config import AdapterConfig, BackboneConfig, ModelConfig
 from moeclip.errors import MoECLIPError
-from moeclip.model import MoECLIP
+from moeclip.model.moeclip import MoECLIP
 
 
 def tiny(cfg_path, size=64, pretrained=None, **kw):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from moeclip.cli import main
-from moeclip.deploy import (Deployment, f1_threshold, final_score, fit_normalization, fpr_threshold,
+from moeclip.inference.deploy import (Deployment, f1_threshold, final_score, fit_normalization, fpr_threshold,
                             load_detector, rates, resize_map)
 from moeclip.errors import MoECLIPError
 
@@ -80,7 +80,7 @@ def test_normalization_headroom():
 
 def test_numpy_scores_equal_detector(tiny_ckpt):
     from moeclip.cli.common import build_model
-    from moeclip.detector import Detector, Normalization
+    from moeclip.inference.detector import Detector, Normalization
 
     norm = {"map_min": -3.0, "map_max": 30.0, "score_min": 0.4, "score_max": 0.6}
     for normalization in (None, norm):

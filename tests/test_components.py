@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeclip.config import AdapterConfig, BackboneConfig
+from moeclip.model.config import AdapterConfig, BackboneConfig
 from moeclip.errors import MoECLIPError
-from moeclip.experts import LoRAExperts
-from moeclip.fofs import feature_chunks, fofs_down_projections
-from moeclip.losses import balance_loss, etf_loss
-from moeclip.model import MoECLIP
-from moeclip.paa import patch_average
-from moeclip.router import Router
-from moeclip.backbone import create_clip
+from moeclip.model.experts import LoRAExperts
+from moeclip.model.fofs import feature_chunks, fofs_down_projections
+from moeclip.model.losses import balance_loss, etf_loss
+from moeclip.model.moeclip import MoECLIP
+from moeclip.model.paa import patch_average
+from moeclip.model.router import Router
+from moeclip.model.backbone import create_clip
 
 
 # ----------------------------------------------------------------------------- FOFS

@@ -14,14 +14,14 @@ from PIL import Image
 
 from moeclip import explain as X
 from moeclip.cli import main
-from moeclip.scoring import anomaly_map, patch_anomaly
+from moeclip.model.scoring import anomaly_map, patch_anomaly
 
 
 @pytest.fixture(scope="module")
 def model(tiny_clip_config):
     """Tiny model with random router gates and LoRA B, so that routing and experts differ."""
-    from moeclip.config import AdapterConfig, BackboneConfig, ModelConfig
-    from moeclip.model import MoECLIP
+    from moeclip.model.config import AdapterConfig, BackboneConfig, ModelConfig
+    from moeclip.model.moeclip import MoECLIP
 
     torch.manual_seed(0)
     m = MoECLIP.from_config(ModelConfig(BackboneConfig(model=str(tiny_clip_config), pretrained=None,
@@ -35,7 +35,7 @@ def model(tiny_clip_config):
 
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
-    from moeclip.checkpoint import save_checkpoint
+    from moeclip.model.checkpoint import save_checkpoint
 
     return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "ck", include_backbone=True)
 
@@ -154,8 +154,8 @@ def test_expert_similarity_and_load_against_brute_force(model, images):
 
 
 def test_untrained_experts_have_undefined_similarity(tiny_clip_config):
-    from moeclip.config import AdapterConfig, BackboneConfig, ModelConfig
-    from moeclip.model import MoECLIP
+    from moeclip.model.config import AdapterConfig, BackboneConfig, ModelConfig
+    from moeclip.model.moeclip import MoECLIP
 
     m = MoECLIP.from_config(ModelConfig(BackboneConfig(model=str(tiny_clip_config), pretrained=None,
                                                        image_size=64), AdapterConfig(moe_layers=[1]))).eval()
@@ -179,7 +179,7 @@ def _check_png(path: Path, min_size=(200, 150)):
 
 
 def test_explain_cli_writes_figures_page_and_numbers(model, checkpoint, image_dir, tmp_path, capsys):
-    from moeclip.data.io import load_image
+    from moeclip.data.imageio import load_image
     from moeclip.data.transforms import preprocess_image
 
     out = tmp_path / "explain"
@@ -222,7 +222,7 @@ def test_explain_cli_writes_figures_page_and_numbers(model, checkpoint, image_di
 
 def test_analyze_cli_matches_accumulator(model, checkpoint, image_dir, tmp_path):
     from moeclip.cli.analyze import collect_images, spread
-    from moeclip.data.io import load_image
+    from moeclip.data.imageio import load_image
     from moeclip.data.transforms import preprocess_image
 
     out = tmp_path / "analyze"

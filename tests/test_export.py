@@ -18,9 +18,9 @@ pytest.importorskip("onnx")
 from moeclip.cli import main  # noqa: E402
 from moeclip.cli.common import build_model  # noqa: E402
 from moeclip.data.transforms import preprocess_image  # noqa: E402
-from moeclip.deploy import Deployment  # noqa: E402
-from moeclip.detector import Detector  # noqa: E402
-from moeclip.export_onnx import OnnxDetector, export_onnx, preprocess, read_metadata  # noqa: E402
+from moeclip.inference.deploy import Deployment  # noqa: E402
+from moeclip.inference.detector import Detector  # noqa: E402
+from moeclip.inference.onnx import OnnxDetector, export_onnx, preprocess, read_metadata  # noqa: E402
 from conftest import make_tiny_checkpoint  # noqa: E402
 
 OBJECT = "metal nut"
@@ -96,7 +96,7 @@ def test_metadata(exported):
 @pytest.mark.parametrize("domain", ["industrial", "medical"])
 def test_export_module_equals_predict(detector, domain):
     """The exported module (fixed-conv blur instead of kornia) computes model.predict, both blur sizes."""
-    from moeclip.export_onnx import _export_module
+    from moeclip.inference.onnx import _export_module
 
     text = detector.model.text_features(OBJECT)
     module = _export_module(detector.model, text, domain, routing_outputs=False)
@@ -161,7 +161,7 @@ def test_predict_onnx_runs_without_torch(exported, folder, tmp_path):
         "p = argparse.ArgumentParser(); predict.register(p.add_subparsers())\n"
         f"args = p.parse_args(['predict', '--onnx', {str(exported)!r}, {str(folder)!r}, '--out', {str(out)!r}])\n"
         "assert predict.run(args) == 0\n"
-        "loaded = [m for m in ('torch', 'moeclip.model', 'moeclip.detector') if m in sys.modules]\n"
+        "loaded = [m for m in ('torch', 'moeclip.model.moeclip', 'moeclip.inference.detector') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moeclip.checkpoint import load_model, ours_to_official
-from moeclip.config import AdapterConfig
+from moeclip.model.checkpoint import load_model, ours_to_official
+from moeclip.model.config import AdapterConfig
 
 pytestmark = pytest.mark.usefixtures("golden_dir")
 

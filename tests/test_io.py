@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moeclip.data import io as mio
-from moeclip.data.io import (binarize_mask, load_image, load_mask, resize_mask, to_pil_rgb,
+from moeclip.data import imageio as mio
+from moeclip.data.imageio import (binarize_mask, load_image, load_mask, resize_mask, to_pil_rgb,
                              verify_image)
 from moeclip.errors import MoECLIPError
 
@@ -45,7 +45,7 @@ def test_16bit_ramp_is_rescaled_not_white(tmp_path, caplog):
     p = tmp_path / "ramp16.png"
     Image.fromarray(ramp).save(p)
     assert Image.open(p).mode.startswith("I")
-    with caplog.at_level(logging.WARNING, logger="moeclip.data.io"):
+    with caplog.at_level(logging.WARNING, logger="moeclip.data.imageio"):
         out = _rgb(load_image(p))
     assert (out == 255).mean() < 0.01          # convert("RGB") would give ~99.6% white
     expected = np.rint(ramp / ramp.max() * 255).astype(np.uint8)

@@ -12,7 +12,7 @@ from PIL import Image
 from moeclip.cli import main
 from moeclip.cli.common import build_model
 from moeclip.data.transforms import CLIP_MEAN, CLIP_STD, preprocess_image
-from moeclip.detector import Detector
+from moeclip.inference.detector import Detector
 
 from conftest import make_tiny_checkpoint
 

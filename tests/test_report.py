@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from moeclip.metrics import auroc, average_precision, evaluate_class
-from moeclip.report import (ClassData, ExampleImage, final_image_scores, pick_examples, pr_curve,
+from moeclip.analysis.report import (ClassData, ExampleImage, final_image_scores, pick_examples, pr_curve,
                             report_from_eval, roc_curve, write_report)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -20,9 +20,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from moeclip.deploy import Deployment  # noqa: E402
+from moeclip.inference.deploy import Deployment  # noqa: E402
 from conftest import make_tiny_checkpoint  # noqa: E402
-from moeclip.serve import create_app  # noqa: E402
+from moeclip.inference.serve import create_app  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -98,8 +98,8 @@ def clip_weights(tiny_clip_config, tmp_path_factory):
     """The tiny CLIP as a weight file: training then keeps only adapters (and casts for bf16)."""
     from safetensors.torch import save_file
 
-    from moeclip.backbone import create_clip
-    from moeclip.config import BackboneConfig
+    from moeclip.model.backbone import create_clip
+    from moeclip.model.config import BackboneConfig
 
     torch.manual_seed(4)
     clip = create_clip(BackboneConfig(model=str(tiny_clip_config), pretrained=None, image_size=64))
@@ -185,7 +185,7 @@ def test_bf16_training_casts_frozen_weights_with_identical_results(data, tiny_cl
                                                                   monkeypatch):
     """--precision bf16 stores the frozen CLIP in bf16 (not when the checkpoint keeps the CLIP):
     the trained adapters are bit-identical either way."""
-    from moeclip.model import MoECLIP
+    from moeclip.model.moeclip import MoECLIP
 
     cast_calls = []
     original = MoECLIP.cast_frozen_weights

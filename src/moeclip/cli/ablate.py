@@ -8,7 +8,7 @@ from .train import add_architecture_args, model_config_from_args
 
 
 def register(sub) -> None:
-    from ..ablate import DEFAULT_SWITCHES, SWITCHES
+    from ..analysis.ablate import DEFAULT_SWITCHES, SWITCHES
 
     p = sub.add_parser("ablate", help="train+test grid over FOFS/ETF/PAA/experts/top-k switches",
                        description="Each run trains from the same seed and evaluates zero-shot; results go to "
@@ -36,14 +36,14 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from ..ablate import DEFAULT_SWITCHES, apply, label, parse_switches, settings, table
+    from ..analysis.ablate import DEFAULT_SWITCHES, apply, label, parse_switches, settings, table
     from ..fileio import atomic_write_text
-    from ..config import ModelConfig
+    from ..model.config import ModelConfig
     from ..engine.evaluate import evaluate_source
     from ..engine.sources import build_sources
     from ..engine.train import Trainer, TrainConfig, prepare_run_dir
     from ..errors import MoECLIPError
-    from ..model import MoECLIP
+    from ..model.moeclip import MoECLIP
     from ..precision import resolve_device
 
     out = Path(args.out)
@@ -57,7 +57,7 @@ def run(args) -> int:
     workers = 0
     if not args.data:  # the demo's synthetic setting: shared description, tiny random CLIP
         from ..data.synth import DEFAULT_HELDOUT_CATEGORIES, DEFAULT_TRAIN_CATEGORIES, generate_dataset
-        from ..demo import SHARED_DESCRIPTION, DemoConfig, builtin_clip_config
+        from ..engine.demo import SHARED_DESCRIPTION, DemoConfig, builtin_clip_config
 
         d = DemoConfig(out=out)
         size = args.image_size or d.image_size

@@ -85,10 +85,10 @@ def run_experts(args) -> int:
     import numpy as np
     import torch
 
-    from .. import viz
-    from ..data.io import load_image
+    from ..analysis import viz
+    from ..data.imageio import load_image
     from ..data.transforms import preprocess_image
-    from ..explain import ExpertStatsAccumulator
+    from ..analysis.explain import ExpertStatsAccumulator
     from ..precision import autocast
     from .common import load_detector, progress
 

@@ -93,7 +93,7 @@ def _collect(detector, items, obj: str, domain: str, batch_size: int) -> Dict[st
     import torch
     import torch.nn.functional as F
 
-    from ..data.io import load_image, load_mask
+    from ..data.imageio import load_image, load_mask
     from ..data.transforms import preprocess_image
 
     size = detector.image_size
@@ -138,9 +138,9 @@ def _collect(detector, items, obj: str, domain: str, batch_size: int) -> Dict[st
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..deploy import (Deployment, absolute_options, f1_threshold, fit_normalization, fpr_threshold, rates)
-    from ..detector import Normalization
-    from ..prompts import GENERIC_OBJECT
+    from ..inference.deploy import (Deployment, absolute_options, f1_threshold, fit_normalization, fpr_threshold, rates)
+    from ..inference.detector import Normalization
+    from ..model.prompts import GENERIC_OBJECT
     from .common import load_detector, refuse_existing
 
     out_path = Path(args.out)

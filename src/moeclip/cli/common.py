@@ -104,12 +104,12 @@ def _adapter_overrides(options: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def build_model(checkpoint: str | Path, options: Optional[Dict[str, Any]] = None):
-    """Build an eval-mode :class:`~moeclip.model.MoECLIP` on the CPU from a checkpoint and option dict.
+    """Build an eval-mode :class:`~moeclip.model.moeclip.MoECLIP` on the CPU from a checkpoint and option dict.
 
     ``options`` uses the names of :data:`MODEL_OPTIONS` (what :func:`model_options` returns and a
     deployment file stores).
     """
-    from ..checkpoint import load_model
+    from ..model.checkpoint import load_model
 
     options = dict(options or {})
     unknown = sorted(set(options) - set(MODEL_OPTIONS))
@@ -127,12 +127,12 @@ def load_model_from_args(args: argparse.Namespace):
 
 
 def load_detector(args: argparse.Namespace, **detector_kwargs):
-    """A :class:`~moeclip.detector.Detector` on ``--device`` at ``--precision``.
+    """A :class:`~moeclip.inference.detector.Detector` on ``--device`` at ``--precision``.
 
     ``detector_kwargs`` go to the Detector (``domain``, ``normalization``, ``threshold``,
     ``object``); ``domain`` defaults to ``args.domain`` when the command has that flag.
     """
-    from ..detector import Detector
+    from ..inference.detector import Detector
 
     if getattr(args, "domain", None) and "domain" not in detector_kwargs:
         detector_kwargs["domain"] = args.domain

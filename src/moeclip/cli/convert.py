@@ -21,9 +21,9 @@ def register(sub) -> None:
 def run(args) -> int:
     import dataclasses
 
-    from ..backbone import create_clip
-    from ..checkpoint import read_official, save_checkpoint
-    from ..model import MoECLIP, tokenizer_for
+    from ..model.backbone import create_clip
+    from ..model.checkpoint import read_official, save_checkpoint
+    from ..model.moeclip import MoECLIP, tokenizer_for
 
     config = model_config_from_args(args)
     official = read_official(args.checkpoint)

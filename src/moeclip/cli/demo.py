@@ -5,7 +5,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from ..demo import DemoConfig
+    from ..engine.demo import DemoConfig
 
     d = DemoConfig(out=Path("demo_out"))
     p = sub.add_parser("demo", help="offline end-to-end demo on synthetic data (no downloads)",
@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..demo import DemoConfig, run_demo
+    from ..engine.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=Path(args.out), clip_model=args.clip_model, clip_weights=args.clip_weights,
                         image_size=args.image_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -42,12 +42,12 @@ def run(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from .. import viz
-    from ..data.io import load_image
+    from ..analysis import viz
+    from ..data.imageio import load_image
     from ..data.transforms import preprocess_image
-    from ..explain import explain_image
+    from ..analysis.explain import explain_image
     from ..precision import autocast
-    from ..prompts import GENERIC_OBJECT
+    from ..model.prompts import GENERIC_OBJECT
     from .common import load_detector
 
     out = Path(args.out)

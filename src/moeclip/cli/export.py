@@ -39,8 +39,8 @@ def register(subparsers) -> None:
 def run_onnx(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..deploy import Deployment
-    from ..export_onnx import compare_onnx, export_onnx
+    from ..inference.deploy import Deployment
+    from ..inference.onnx import compare_onnx, export_onnx
 
     out = Path(args.out)
     refuse_existing(out, args.overwrite)
@@ -54,7 +54,7 @@ def run_onnx(args: argparse.Namespace) -> int:
                                 domain=args.domain)
         checkpoint = args.checkpoint or dep.checkpoint
     elif args.checkpoint:
-        from ..detector import Detector
+        from ..inference.detector import Detector
         from .common import load_model_from_args
 
         detector = Detector(load_model_from_args(args), device="cpu", domain=args.domain or "industrial",

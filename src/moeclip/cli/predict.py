@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import MoECLIPError
-from ..prompts import GENERIC_OBJECT
+from ..model.prompts import GENERIC_OBJECT
 from .common import add_model_args, model_options, progress
 
 RESULTS_FILE = "results.jsonl"
@@ -261,7 +261,7 @@ class ResultWriter:
     def write(self, job: Job, pred, image, unit: np.ndarray, threshold: Optional[float],
               pixel_threshold: Optional[float]) -> Dict[str, Any]:
         """Write the files of one prediction, then its line (so a line implies its files exist)."""
-        from ..deploy import mask_image, overlay, save_png
+        from ..inference.deploy import mask_image, overlay, save_png
 
         name = self.unique_name(job.path)
         rec: Dict[str, Any] = {
@@ -338,11 +338,11 @@ class _OnnxRunner(_Runner):
 
 def _build_runner(args) -> Tuple[_Runner, Optional[str], Optional[str], str]:
     """(runner, default object, domain, object source of the default)."""
-    from ..deploy import Deployment
+    from ..inference.deploy import Deployment
 
     dep = Deployment.load(args.deploy) if args.deploy else None
     if args.onnx:
-        from ..export_onnx import OnnxDetector
+        from ..inference.onnx import OnnxDetector
 
         if args.checkpoint:
             raise MoECLIPError("--onnx runs the exported model; drop --checkpoint")
@@ -389,8 +389,8 @@ def _batches(jobs: Sequence[Job], size: int) -> Iterator[List[Job]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.io import DEFAULT_MAX_PIXELS, load_image
-    from ..deploy import unit_map
+    from ..data.imageio import DEFAULT_MAX_PIXELS, load_image
+    from ..inference.deploy import unit_map
 
     if args.batch_size < 1 or args.workers < 1:
         raise MoECLIPError("--batch-size and --workers must be at least 1")

@@ -38,11 +38,11 @@ def register(subparsers) -> None:
 def build_app(args: argparse.Namespace):
     """The FastAPI app the command would serve (also used by tests)."""
     try:
-        from ..serve.app import create_app
+        from ..inference.serve.app import create_app
     except ImportError as exc:
         raise MoECLIPError(f"serving needs the serve extra ({exc.name} is missing): "
                            "pip install 'moeclip[serve]'") from None
-    from ..deploy import Deployment
+    from ..inference.deploy import Deployment
 
     dep = Deployment.load(args.deploy) if args.deploy else None
     if dep is not None:

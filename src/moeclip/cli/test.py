@@ -34,7 +34,7 @@ def _map_writer(out: Path, args):
     """Per-batch callback writing raw maps (.npy) and/or overlays under ``out``."""
     import numpy as np
 
-    from .. import overlay
+    from ..analysis import overlay
 
     def write(source, group, batch, amap, score):
         sub = Path(_safe(source.name)) / _safe(group)
@@ -108,7 +108,7 @@ def _run(args, out: Path, device) -> int:
             w.writerow([r.source, name] + ["" if m.get(k) is None else f"{m[k]:.6f}" for k in METRIC_KEYS])
     atomic_write_text(out / "results.csv", buf.getvalue())
     if args.report:
-        from ..report import report_from_eval
+        from ..analysis.report import report_from_eval
 
         report = report_from_eval(out, results, model.config.to_dict())
         print(f"report: {report}")

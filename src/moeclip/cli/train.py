@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import AdapterConfig, BackboneConfig, ModelConfig
+from ..model.config import AdapterConfig, BackboneConfig, ModelConfig
 
 
 def add_architecture_args(p: argparse.ArgumentParser) -> None:
@@ -103,7 +103,7 @@ def run(args) -> int:
     from ..engine.sources import build_sources
     from ..engine.train import Trainer, TrainConfig, prepare_run_dir
     from ..fileio import atomic_write_text
-    from ..model import MoECLIP
+    from ..model.moeclip import MoECLIP
     from ..precision import resolve_device
 
     run_dir = Path(args.out)
@@ -116,7 +116,7 @@ def run(args) -> int:
         val = build_sources(args.val, descriptions=args.descriptions, report=say) if args.val else []
         config = model_config_from_args(args)
         if args.resume:
-            from ..checkpoint import read_checkpoint
+            from ..model.checkpoint import read_checkpoint
 
             config, _, _ = read_checkpoint(run_dir / "checkpoint")
         torch.manual_seed(args.seed)  # FOFS matrices and projection init

@@ -6,7 +6,7 @@ _EXPORTS = {
     "load_descriptions": "registry", "describe": "registry",
     "scan": "scanners", "load_data": "scanners", "scan_folder": "scanners",
     "read_jsonl": "manifest", "write_jsonl": "manifest", "read_meta": "manifest", "write_meta": "manifest",
-    "load_image": "io", "load_mask": "io",
+    "load_image": "imageio", "load_mask": "imageio",
     "ZSADDataset": "dataset", "collate": "dataset",
     "generate_dataset": "synth",
 }

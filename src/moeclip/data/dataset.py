@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import MoECLIPError
-from .io import DEFAULT_MAX_PIXELS, MASK_POLICIES, load_image, load_mask, verify_image
+from .imageio import DEFAULT_MAX_PIXELS, MASK_POLICIES, load_image, load_mask, verify_image
 from .sample import Sample
 from .transforms import JointAugment, preprocess_image, preprocess_mask
 

@@ -29,7 +29,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .io import resize_mask, to_pil_rgb
+from .imageio import resize_mask, to_pil_rgb
 
 __all__ = [
     "CLIP_MEAN",

@@ -15,7 +15,7 @@ from ..data.dataset import ZSADDataset, collate
 from ..data.sample import Sample
 from ..metrics import ClassAccumulator, average_results
 from ..precision import autocast
-from ..scoring import Domain
+from ..model.scoring import Domain
 from . import distributed as dist_utils
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from ..checkpoint import save_checkpoint
+from ..model.checkpoint import save_checkpoint
 from ..data.dataset import ZSADDataset, collate
 from ..errors import MoECLIPError
 from ..precision import autocast
@@ -155,7 +155,7 @@ class Trainer:
         os.replace(self.run_dir / f".{STATE_FILE}.tmp", self.run_dir / STATE_FILE)
 
     def resume(self) -> None:
-        from ..checkpoint import read_checkpoint
+        from ..model.checkpoint import read_checkpoint
 
         ckpt_dir = self.run_dir / LAST_DIR
         _, adapters, _ = read_checkpoint(ckpt_dir)

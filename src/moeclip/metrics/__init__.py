@@ -1,6 +1,6 @@
 """Evaluation: exact, memory-light AUROC / AP / F1-max / AUPRO and the official per-class rule."""
 from .aupro import aupro, aupro_from_sorted, region_weights, sorted_pixel_split
-from .evaluate import (
+from .protocol import (
     METRIC_KEYS,
     OFFICIAL_NAMES,
     ClassAccumulator,

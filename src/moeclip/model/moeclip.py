@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backbone import create_clip, freeze, vision_dims
 from .config import AdapterConfig, BackboneConfig, ModelConfig
-from .errors import MoECLIPError
+from ..errors import MoECLIPError
 from .losses import segmentation_loss
 from .moe import MoEAdapter
 from .paa import aggregate_levels
@@ -110,7 +110,7 @@ class MoECLIP(nn.Module):
         under ``moeclip.precision.autocast(device, precision)``. The text tower is left
         alone: its output is cached per description.
         """
-        from .precision import PRECISIONS, cast_frozen_weights
+        from ..precision import PRECISIONS, cast_frozen_weights
 
         if precision == "fp32":
             return self

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import BackboneConfig
-from .errors import MoECLIPError
+from ..errors import MoECLIPError
 
 log = logging.getLogger(__name__)
 

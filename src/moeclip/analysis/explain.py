@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .router import Routing
-from .scoring import Domain, anomaly_map, image_score, patch_anomaly
+from ..model.router import Routing
+from ..model.scoring import Domain, anomaly_map, image_score, patch_anomaly
 
 __all__ = [
     "TowerTrace",
@@ -42,7 +42,7 @@ __all__ = [
 # --------------------------------------------------------------------------- tower trace
 @dataclass
 class TowerTrace:
-    """:class:`~moeclip.model.VisionOutput` plus the token stream entering each MoE adapter."""
+    """:class:`~moeclip.model.moeclip.VisionOutput` plus the token stream entering each MoE adapter."""
 
     vision: "object"               # VisionOutput
     moe_inputs: List[torch.Tensor]  # one (B, L, d) per MoE layer, in ``moe_layers`` order

@@ -17,10 +17,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .config import AdapterConfig, ModelConfig
-from .errors import MoECLIPError
-from .fileio import atomic_write, atomic_write_text
+from ..errors import MoECLIPError
+from ..fileio import atomic_write, atomic_write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -206,7 +206,7 @@ def load_model(path: str | Path, backbone_overrides: Optional[Dict[str, Any]] = 
     import logging
 
     from .config import BackboneConfig
-    from .model import MoECLIP
+    from .moeclip import MoECLIP
 
     p = Path(path)
     overrides = dict(adapter_overrides or {})

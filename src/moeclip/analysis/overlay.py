@@ -29,7 +29,7 @@ def overlay(image: Image.Image, amap: np.ndarray, alpha: float = 0.5, **limits) 
 def save_triptych(image_path: str, amap: np.ndarray, mask: Optional[np.ndarray], out_path: Path,
                   size: int = 256) -> None:
     """image | heat-map overlay | ground truth, side by side."""
-    from .data.io import load_image
+    from ..data.imageio import load_image
 
     img = load_image(image_path).resize((size, size), Image.BICUBIC)
     over = overlay(img, np.asarray(Image.fromarray(np.asarray(amap, np.float32)).resize((size, size), Image.BILINEAR)))

@@ -34,9 +34,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from . import __version__
-from .errors import MoECLIPError
-from .prompts import GENERIC_OBJECT
+from .. import __version__
+from ..errors import MoECLIPError
+from ..model.prompts import GENERIC_OBJECT
 
 FORMAT = "moeclip-deploy"
 VERSION = 1
@@ -89,7 +89,7 @@ class Deployment:
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write atomically; refuses to replace an existing file unless ``overwrite``."""
-        from .fileio import atomic_write_text
+        from ..fileio import atomic_write_text
 
         path = Path(path)
         if path.exists() and not overwrite:
@@ -139,7 +139,7 @@ class Deployment:
 
     # -- use
     def normalizer(self):
-        """The :class:`~moeclip.detector.Normalization` (imports torch)."""
+        """The :class:`~moeclip.inference.detector.Normalization` (imports torch)."""
         from .detector import Normalization
 
         return None if self.normalization is None else Normalization(**{k: float(self.normalization[k])
@@ -147,12 +147,12 @@ class Deployment:
 
     def detector(self, checkpoint: Optional[str] = None, options: Optional[Dict[str, Any]] = None,
                  device: str = "auto", precision: str = "fp32", **overrides):
-        """A :class:`~moeclip.detector.Detector` configured with this deployment.
+        """A :class:`~moeclip.inference.detector.Detector` configured with this deployment.
 
         ``checkpoint``/``options`` replace the stored ones (e.g. the same model moved elsewhere);
         ``overrides`` replace Detector settings (``object``, ``domain``, ``threshold``).
         """
-        from .cli.common import build_model
+        from ..cli.common import build_model
         from .detector import Detector
 
         model = build_model(checkpoint or self.checkpoint, {**self.model_options, **(options or {})})
@@ -246,7 +246,7 @@ def fit_normalization(map_min: float, map_max: float, score_min: float, score_ma
 
 # ---------------------------------------------------------------------------- scoring without torch
 def uncalibrated_map_probability(value, num_maps: int) -> np.ndarray:
-    """numpy twin of :func:`moeclip.detector.uncalibrated_map_probability`."""
+    """numpy twin of :func:`moeclip.inference.detector.uncalibrated_map_probability`."""
     return 1.0 / (1.0 + np.exp(-(2.0 * np.asarray(value, dtype=np.float64) / num_maps - 1.0)))
 
 
@@ -265,7 +265,7 @@ def unit_map(raw_map: np.ndarray, normalization: Optional[Dict[str, float]], num
 
 def final_score(map_max: float, raw_score: float, domain: str, normalization: Optional[Dict[str, float]],
                 num_maps: int) -> float:
-    """numpy twin of :meth:`moeclip.detector.Detector.score_from` (same float32 rounding)."""
+    """numpy twin of :meth:`moeclip.inference.detector.Detector.score_from` (same float32 rounding)."""
     if normalization is not None:
         m = float(normalize(map_max, normalization["map_min"], normalization["map_max"]))
         s = float(normalize(raw_score, normalization["score_min"], normalization["score_max"]))

@@ -25,10 +25,10 @@ from typing import Any, Dict, Optional
 
 from PIL import Image
 
-from .. import __version__
+from ... import __version__
 from ..deploy import (Deployment, heatmap_rgb, mask_image, overlay, png_bytes, resize_map, unit_map)
-from ..errors import MoECLIPError
-from ..prompts import GENERIC_OBJECT
+from ...errors import MoECLIPError
+from ...model.prompts import GENERIC_OBJECT
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -48,7 +48,7 @@ class ApiError(Exception):
 
 def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
     """Bytes -> 8-bit RGB PIL image, or ApiError (413 too many pixels, 415 other format, 422 broken)."""
-    from ..data.io import to_pil_rgb
+    from ...data.imageio import to_pil_rgb
 
     if not data:
         raise ApiError(422, "empty_file", "the uploaded file is empty")
@@ -82,7 +82,7 @@ def _page() -> str:
 def create_app(detector, deployment: Optional[Deployment] = None, *, pixel_threshold: Optional[float] = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_display_side: int = DEFAULT_MAX_DISPLAY_SIDE, max_objects: int = 256):
-    """The app around a loaded :class:`~moeclip.detector.Detector`.
+    """The app around a loaded :class:`~moeclip.inference.detector.Detector`.
 
     ``deployment`` (already applied to the detector, e.g. by :meth:`Deployment.detector`) provides
     the pixel threshold for masks unless ``pixel_threshold`` is given. Returned pictures are
@@ -94,7 +94,7 @@ def create_app(detector, deployment: Optional[Deployment] = None, *, pixel_thres
     from pydantic import BaseModel, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from ..scoring import Domain
+    from ...model.scoring import Domain
 
     if pixel_threshold is None and deployment is not None:
         pixel_threshold = deployment.pixel_threshold

@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
 
 __all__ = [
     "ExampleImage",
@@ -180,8 +180,8 @@ def _load_display_image(path: str, shape: Tuple[int, int]) -> Tuple[np.ndarray, 
     """The image resized to the map's shape (what the model saw), or a grey tile if unreadable."""
     from PIL import Image
 
-    from .data.io import load_image
-    from .errors import MoECLIPError
+    from ..data.imageio import load_image
+    from ..errors import MoECLIPError
 
     try:
         img = load_image(path).resize((shape[1], shape[0]), Image.BICUBIC)
@@ -227,7 +227,7 @@ def _pct(v) -> str:
 
 
 def _averaged(classes: Mapping[str, Mapping]) -> Dict[str, Any]:
-    from .metrics import average_results
+    from ..metrics import average_results
 
     rows = [{k: m.get(k) for k in METRIC_COLUMNS if k in m} for m in classes.values()]
     return average_results(rows) if rows else {}
@@ -297,7 +297,7 @@ def write_report(out_dir, results: Mapping[str, Mapping[str, Mapping[str, Any]]]
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>"
             f"<style>{_CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
     path = out_dir / filename
-    from .fileio import atomic_write_text
+    from ..fileio import atomic_write_text
 
     atomic_write_text(path, page)
     return path

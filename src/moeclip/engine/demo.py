@@ -16,8 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Dict, Optional
 
-from .config import AdapterConfig, BackboneConfig, ModelConfig
-from .errors import MoECLIPError
+from ..model.config import AdapterConfig, BackboneConfig, ModelConfig
+from ..errors import MoECLIPError
 
 SHARED_DESCRIPTION = "object"
 SUMMARY_KEYS = ("pixel_auroc", "pixel_ap", "image_auroc", "image_ap")
@@ -50,14 +50,14 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig, say=print) -> Dict:
     import torch
 
-    from .checkpoint import save_checkpoint
-    from .data.synth import DEFAULT_HELDOUT_CATEGORIES, DEFAULT_TRAIN_CATEGORIES, generate_dataset
-    from .engine.evaluate import evaluate_source, format_table
-    from .engine.sources import build_source
-    from .engine.train import Trainer, TrainConfig, prepare_run_dir
-    from .model import MoECLIP
-    from .overlay import save_triptych
-    from .precision import resolve_device
+    from ..model.checkpoint import save_checkpoint
+    from ..data.synth import DEFAULT_HELDOUT_CATEGORIES, DEFAULT_TRAIN_CATEGORIES, generate_dataset
+    from .evaluate import evaluate_source, format_table
+    from .sources import build_source
+    from .train import Trainer, TrainConfig, prepare_run_dir
+    from ..model.moeclip import MoECLIP
+    from ..analysis.overlay import save_triptych
+    from ..precision import resolve_device
 
     t0 = time.time()
     out = Path(cfg.out)

@@ -27,9 +27,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from . import __version__
+from .. import __version__
 from .deploy import Deployment, final_score, resize_map
-from .errors import MoECLIPError
+from ..errors import MoECLIPError
 
 META_PREFIX = "moeclip."
 INPUT_NAME = "images"
@@ -49,7 +49,7 @@ def _export_module(model, text, domain: str, routing_outputs: bool):
     from kornia.filters import get_gaussian_kernel1d
     from torch import nn
 
-    from .scoring import Domain, image_score, patch_anomaly
+    from ..model.scoring import Domain, image_score, patch_anomaly
 
     class AnomalyExport(nn.Module):
         def __init__(self):
@@ -160,7 +160,7 @@ def _export(model, path: Path, obj: str, dom: str, size: int, routing_outputs: b
 def export_onnx(detector, path: str | Path, object: Optional[str] = None, domain: Optional[str] = None,
                 deployment: Optional[Deployment] = None, routing_outputs: bool = False,
                 exporter: str = "auto", opset: Optional[int] = None, checkpoint: Optional[str] = None) -> Path:
-    """Export ``detector`` (a :class:`~moeclip.detector.Detector`) for one object to ``path``.
+    """Export ``detector`` (a :class:`~moeclip.inference.detector.Detector`) for one object to ``path``.
 
     ``object``/``domain`` default to the deployment's, then the detector's. The deployment's
     threshold, pixel threshold and normalisation go into the metadata.
@@ -169,7 +169,7 @@ def export_onnx(detector, path: str | Path, object: Optional[str] = None, domain
         import onnx
     except ImportError:
         raise MoECLIPError("ONNX export needs the onnx package: pip install 'moeclip[onnx]'") from None
-    from .prompts import GENERIC_OBJECT
+    from ..model.prompts import GENERIC_OBJECT
 
     dep = deployment
     path = Path(path)
@@ -262,7 +262,7 @@ def preprocess(image: Image.Image, size: int) -> np.ndarray:
 
 @dataclass
 class OnnxPrediction:
-    """Same fields as :class:`moeclip.detector.Prediction`."""
+    """Same fields as :class:`moeclip.inference.detector.Prediction`."""
 
     anomaly_map: np.ndarray
     raw_score: float

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import MoECLIPError
+from ..errors import MoECLIPError
 
 
 @dataclass

@@ -10,8 +10,8 @@ import dataclasses
 import itertools
 from typing import Dict, List, Sequence, Tuple
 
-from .config import AdapterConfig
-from .errors import MoECLIPError
+from ..model.config import AdapterConfig
+from ..errors import MoECLIPError
 
 #: switch name -> (AdapterConfig field, value parser)
 SWITCHES = {

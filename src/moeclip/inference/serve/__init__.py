@@ -8,7 +8,7 @@ __all__ = ["create_app"]
 
 
 def create_app(*args, **kwargs):
-    """See :func:`moeclip.serve.app.create_app` (imported lazily so that FastAPI stays optional)."""
+    """See :func:`moeclip.inference.serve.app.create_app` (imported lazily so that FastAPI stays optional)."""
     from .app import create_app as _create_app
 
     return _create_app(*args, **kwargs)

@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import torch
 
-from .errors import MoECLIPError
+from ..errors import MoECLIPError
 
 
 def feature_chunks(width: int, num_experts: int) -> List[slice]:

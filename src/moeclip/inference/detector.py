@@ -14,11 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.io import load_image, to_pil_rgb
-from .data.transforms import preprocess_image
-from .precision import autocast, check_precision, resolve_device
-from .prompts import GENERIC_OBJECT
-from .scoring import Domain, final_image_score
+from ..data.imageio import load_image, to_pil_rgb
+from ..data.transforms import preprocess_image
+from ..precision import autocast, check_precision, resolve_device
+from ..model.prompts import GENERIC_OBJECT
+from ..model.scoring import Domain, final_image_score
 
 ImageLike = Union[str, Path, np.ndarray, Any]  # a path, a numpy array or a PIL image
 
@@ -82,7 +82,7 @@ class Detector:
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: str = "auto", precision: str = "fp32",
                         backbone_overrides: Optional[Dict[str, Any]] = None, adapter=None, **kwargs) -> "Detector":
-        from .checkpoint import load_model
+        from ..model.checkpoint import load_model
 
         model = load_model(path, backbone_overrides=backbone_overrides, adapter=adapter)
         return cls(model, device=device, precision=precision, **kwargs)
