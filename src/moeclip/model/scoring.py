@@ -1,35 +1,15 @@
 """From patch features and text features to anomaly maps and image scores."""
 from __future__ import annotations
 
-from enum import Enum
 from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .domain import Domain
+
 #: CLIP's logit scale, fixed in MoECLIP.
 LOGIT_SCALE = 100.0
-
-
-class Domain(str, Enum):
-    """Sets the test-time blur and the image-score rule."""
-
-    INDUSTRIAL = "industrial"
-    MEDICAL = "medical"
-
-    @classmethod
-    def parse(cls, value: "str | Domain") -> "Domain":
-        if isinstance(value, Domain):
-            return value
-        try:
-            return cls(str(value).strip().lower())
-        except ValueError:
-            raise ValueError(f"domain must be 'industrial' or 'medical', got {value!r}") from None
-
-    @property
-    def blur(self) -> Tuple[int, float]:
-        """(kernel size, sigma) of the Gaussian blur on the patch grid."""
-        return (7, 1.0) if self is Domain.INDUSTRIAL else (9, 1.5)
 
 
 def to_grid(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
@@ -80,10 +60,8 @@ def image_score(det_feature: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 def final_image_score(map_max: torch.Tensor, raw_score: torch.Tensor, domain: "Domain | str") -> torch.Tensor:
-    """Image-level decision score once maps and scores are normalised to [0, 1]."""
-    if Domain.parse(domain) is Domain.MEDICAL:
-        return map_max
-    return 0.5 * map_max + 0.5 * raw_score
+    """Image-level decision score once maps and scores are normalised to [0, 1] (see :meth:`Domain.combine`)."""
+    return Domain.parse(domain).combine(map_max, raw_score)
 
 
 def segmentation_probs(features: torch.Tensor, text: torch.Tensor, grid: Tuple[int, int],

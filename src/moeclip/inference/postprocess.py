@@ -1,0 +1,233 @@
+"""Raw model outputs -> what users see: the one post-processing module (numpy only).
+
+Every path that turns a raw anomaly map and a raw image score into a score, a colour scale, a
+decision or a mask calls this module: the PyTorch :class:`~moeclip.inference.detector.Detector`,
+deployment files, the ONNX and OpenVINO runtimes, the web service, reports and ``moeclip test``.
+It imports neither torch nor the model, so the exported runtimes stay torch-free.
+
+Scales:
+
+- raw map: the sum over the 12 maps of ``(z_abnormal + 1 - z_normal) / 2``, blurred and
+  upsampled (``maps/*.npy`` hold it);
+- uncalibrated probability: ``sigmoid(2 * raw / n_maps - 1)``, the mean per-map probability of
+  "abnormal" (:func:`map_probability`);
+- calibrated: min-max with the bounds a deployment file measured (:class:`Normalization`), the
+  single-image analogue of the official per-class normalisation.
+
+The image score is the domain's rule (:meth:`~moeclip.model.domain.Domain.combine`) applied to
+the map maximum and the raw image score once both are on one of those [0, 1] scales.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import MoECLIPError
+from ..model.domain import Domain
+
+NORMALIZATION_FIELDS = ("map_min", "map_max", "score_min", "score_max")
+
+
+# ---------------------------------------------------------------------------- scales
+def map_probability(raw, num_maps: int) -> np.ndarray:
+    """Mean per-map anomaly probability implied by a summed raw map value.
+
+    Each map's patch score is ``a = (z1 + 1 - z0) / 2``, so ``z1 - z0 = 2a - 1`` and the softmax
+    probability of "abnormal" is ``sigmoid(2a - 1)``; with the maps summed, ``a`` is the raw
+    value divided by their number.
+    """
+    return 1.0 / (1.0 + np.exp(-(2.0 * np.asarray(raw, dtype=np.float64) / num_maps - 1.0)))
+
+
+def normalize(value, lo: float, hi: float) -> np.ndarray:
+    """Min-max to [0, 1] with fixed bounds, clipped (a constant range maps to 0)."""
+    return np.clip((np.asarray(value, dtype=np.float64) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+
+
+@dataclass
+class Normalization:
+    """Calibrated min-max bounds of raw map values and raw image scores."""
+
+    map_min: float
+    map_max: float
+    score_min: float
+    score_max: float
+
+    def map(self, raw) -> np.ndarray:
+        return normalize(raw, self.map_min, self.map_max)
+
+    def score(self, raw) -> float:
+        return float(normalize(raw, self.score_min, self.score_max))
+
+    def to_dict(self) -> Dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Optional[Dict[str, float]]) -> Optional["Normalization"]:
+        if d is None or isinstance(d, Normalization):
+            return d
+        return cls(**{k: float(d[k]) for k in NORMALIZATION_FIELDS})
+
+    @classmethod
+    def fit(cls, map_min: float, map_max: float, score_min: float, score_max: float,
+            headroom: float = 0.0) -> "Normalization":
+        """Bounds from observed ranges, the upper ends raised by ``headroom`` times the range.
+
+        Calibrating on normal images only, the largest normal would otherwise sit at 1.0, where
+        every stronger anomaly saturates too; a headroom of 1 keeps the normals in [0, 0.5].
+        """
+        def widen(lo, hi):
+            return float(lo), float(hi + headroom * max(hi - lo, 1e-12))
+
+        m0, m1 = widen(map_min, map_max)
+        s0, s1 = widen(score_min, score_max)
+        return cls(m0, m1, s0, s1)
+
+
+def unit_map(raw_map, normalization: Optional[Normalization], num_maps: int) -> np.ndarray:
+    """Raw map -> [0, 1] on a fixed scale (the calibrated one, else the uncalibrated probability).
+
+    Fixed, so colours are comparable across images: a per-image min-max would paint every normal
+    image red somewhere.
+    """
+    normalization = Normalization.from_dict(normalization)
+    if normalization is not None:
+        return normalization.map(raw_map).astype(np.float32)
+    return map_probability(raw_map, num_maps).astype(np.float32)
+
+
+def image_score(map_max: float, raw_score: float, domain: "Domain | str",
+                normalization: Optional[Normalization], num_maps: int) -> float:
+    """The final image score in [0, 1] of one image (float32 arithmetic, as the model's)."""
+    normalization = Normalization.from_dict(normalization)
+    if normalization is not None:
+        m, s = normalization.map(map_max), normalization.score(raw_score)
+    else:
+        m, s = map_probability(map_max, num_maps), raw_score
+    return float(Domain.parse(domain).combine(np.float32(m), np.float32(s)))
+
+
+def decide(score: float, threshold: Optional[float]) -> Optional[bool]:
+    """``score >= threshold``, or None without a threshold."""
+    return None if threshold is None else bool(score >= threshold)
+
+
+def binary_mask(raw_map, pixel_threshold: float) -> np.ndarray:
+    """uint8 mask (0/255) of ``raw_map >= pixel_threshold`` (raw map units)."""
+    return ((np.asarray(raw_map) >= pixel_threshold) * 255).astype(np.uint8)
+
+
+def resize_map(amap, size: Tuple[int, int]) -> np.ndarray:
+    """Bilinear resize with ``align_corners=True`` (as the official upsampling): (h, w) -> size."""
+    amap = np.asarray(amap, dtype=np.float32)
+    H, W = int(size[0]), int(size[1])
+    if amap.shape == (H, W):
+        return amap.copy()
+
+    def weights(n_out: int, n_in: int) -> np.ndarray:
+        pos = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+        lo = np.clip(np.floor(pos).astype(np.int64), 0, n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        frac = (pos - lo).astype(np.float32)
+        m = np.zeros((n_out, n_in), dtype=np.float32)
+        rows = np.arange(n_out)
+        np.add.at(m, (rows, lo), 1.0 - frac)
+        np.add.at(m, (rows, hi), frac)
+        return m
+
+    return (weights(H, amap.shape[0]) @ amap @ weights(W, amap.shape[1]).T).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- thresholds
+def fpr_threshold(normal_scores: Sequence[float], max_fpr: float) -> float:
+    """The lowest threshold whose false-positive rate on ``normal_scores`` is at most ``max_fpr``.
+
+    Decisions are ``score >= threshold``; with n normals, k = floor(max_fpr * n) of them may be
+    flagged, so the threshold sits just above the (k+1)-th highest normal score (the most
+    sensitive threshold that meets the bound on the calibration images).
+    """
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64).ravel())[::-1]
+    if s.size == 0:
+        raise MoECLIPError("no normal scores to calibrate on")
+    if not 0.0 <= max_fpr < 1.0:
+        raise MoECLIPError(f"max FPR must be in [0, 1), got {max_fpr}")
+    k = int(math.floor(max_fpr * s.size + 1e-9))
+    return float(np.nextafter(s[k], np.inf))
+
+
+def f1_threshold(scores: Sequence[float], labels: Sequence[int]) -> Tuple[float, float]:
+    """(threshold, F1) maximising F1 of ``score >= threshold``; the threshold is a score value."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel().astype(bool)
+    if s.size != y.size:
+        raise MoECLIPError(f"{s.size} scores but {y.size} labels")
+    positives = int(y.sum())
+    if positives == 0 or positives == y.size:
+        raise MoECLIPError("an F1-optimal threshold needs both normal and anomalous samples")
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    tp = np.cumsum(y)
+    fp = np.cumsum(~y)
+    last = np.r_[s[1:] != s[:-1], True]  # one threshold per distinct value, after all its ties
+    tp, fp, s = tp[last], fp[last], s[last]
+    f1 = 2.0 * tp / (positives + tp + fp)
+    best = int(np.argmax(f1))
+    return float(s[best]), float(f1[best])
+
+
+def rates(scores: Sequence[float], labels: Sequence[int], threshold: float) -> Dict[str, float]:
+    """FPR, TPR (recall), precision and F1 of ``score >= threshold`` (NaN where undefined)."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel().astype(bool)
+    pred = s >= threshold
+    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+    pos, neg = int(y.sum()), int((~y).sum())
+    nan = float("nan")
+    prec = tp / (tp + fp) if tp + fp else nan
+    rec = tp / pos if pos else nan
+    f1 = 2 * tp / (pos + tp + fp) if pos + tp + fp else nan
+    return {"fpr": fp / neg if neg else nan, "tpr": rec, "precision": prec, "f1": f1}
+
+
+# ---------------------------------------------------------------------------- one image
+@dataclass
+class Scored:
+    """One image's post-processed outputs."""
+
+    anomaly_map: np.ndarray          # raw map (H, W) float32 at the image's original size
+    map_max: float                   # max of the raw map at the model's resolution
+    raw_score: float                 # (c_abnormal + 1) / 2
+    score: float                     # final image score in [0, 1]
+    decision: Optional[bool] = None  # score >= threshold, when a threshold is known
+
+
+@dataclass
+class PostProcessor:
+    """Everything needed to turn one raw (map, score) pair into a :class:`Scored`."""
+
+    num_maps: int
+    domain: str = "industrial"
+    normalization: Optional[Normalization] = None
+    threshold: Optional[float] = None
+    pixel_threshold: Optional[float] = None
+
+    def __post_init__(self):
+        self.domain = Domain.parse(self.domain).value
+        self.normalization = Normalization.from_dict(self.normalization)
+
+    def __call__(self, raw_map, raw_score: float, size: Optional[Tuple[int, int]] = None) -> Scored:
+        """``raw_map`` at the model's resolution; ``size`` (height, width) of the original image."""
+        raw_map = np.asarray(raw_map, dtype=np.float32)
+        map_max = float(raw_map.max())  # the evaluation resolution's max, as the official rule uses
+        score = image_score(map_max, float(raw_score), self.domain, self.normalization, self.num_maps)
+        full = resize_map(raw_map, size) if size is not None else raw_map
+        return Scored(full, map_max, float(raw_score), score, decide(score, self.threshold))
+
+    def unit_map(self, raw_map) -> np.ndarray:
+        return unit_map(raw_map, self.normalization, self.num_maps)
+
+    def mask(self, raw_map) -> Optional[np.ndarray]:
+        return None if self.pixel_threshold is None else binary_mask(raw_map, self.pixel_threshold)
