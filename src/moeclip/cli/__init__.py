@@ -15,6 +15,7 @@ from ..errors import MoECLIPError
 # so that a partial install (e.g. without the serve extra) still works.
 _COMMANDS = ["demo", "train", "test", "predict", "calibrate", "serve", "export", "explain",
              "analyze", "ablate", "datasets", "convert"]
+_COMMANDS.append("reproduce")  # issue 15: the paper's protocol in one command
 
 
 def build_parser() -> argparse.ArgumentParser:
