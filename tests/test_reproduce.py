@@ -160,6 +160,13 @@ def test_two_seeds_resume_and_report(data_root, tmp_path, tiny_clip_config, monk
     assert calls == {"train": ["train/MVTec/seed-2"], "test": ["test/VisA/seed-2"]}
     assert "resumed at epoch 1, step 2" in capsys.readouterr().out and ckpt.stat().st_mtime_ns == before
 
+    # a folder that is not a reproduce run is not written into
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    assert main(args(data_root, other, tiny_clip_config)) == 2
+    assert "not a reproduce run folder" in capsys.readouterr().err and sorted(other.iterdir()) == [other / "mine.txt"]
+
     # other settings into the same run folder are refused
     assert main(args(data_root, out, tiny_clip_config, "--lr", "5e-4")) == 2
     assert "made with other settings (train differ)" in capsys.readouterr().err

@@ -53,6 +53,7 @@ REPORT_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_a
 METRIC_LABELS = {"image_auroc": "image AUROC", "image_ap": "image AP", "pixel_auroc": "pixel AUROC",
                  "pixel_ap": "pixel AP", "pixel_aupro": "pixel AUPRO", "pixel_f1_max": "pixel F1-max",
                  "image_f1_max": "image F1-max"}
+RUN_FILE = "reproduce.json"  # marks a run folder as ours (settings of its first run)
 DONE_FILE = "done.json"      # completion marker, written last
 SPEC_FILE = "stage.json"     # the settings of a stage in progress (a training resumes only under the same)
 STD_NOTE = "sample standard deviation over replicates (ddof=1); n/a for one replicate"
@@ -521,7 +522,12 @@ def run_plan(plan: Plan, *, say: Callable[[str], None] = print, progress: bool =
 
     plan.check()
     device = resolve_device(plan.config.device)
+    if plan.out.is_dir() and any(plan.out.iterdir()) and not (plan.out / RUN_FILE).is_file():
+        raise MoECLIPError(f"{plan.out}: not empty and not a reproduce run folder (no {RUN_FILE}); "
+                           f"use a new --out")
     plan.out.mkdir(parents=True, exist_ok=True)
+    if not (plan.out / RUN_FILE).is_file():
+        atomic_write_text(plan.out / RUN_FILE, json.dumps(_settings(plan), indent=2) + "\n")
     cache: dict = {}
     for i, stage in enumerate(plan.stages, 1):
         head = f"[{i}/{len(plan.stages)}] {stage.path}"
