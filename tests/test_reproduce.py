@@ -7,11 +7,14 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from moeclip.cli import main
 from moeclip.data.synth import generate_dataset
 from moeclip.engine import reproduce as R
 from moeclip.errors import MoECLIPError
+from moeclip.model.checkpoint import ours_to_official
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +152,10 @@ def test_two_seeds_resume_and_report(data_root, tmp_path, tiny_clip_config, monk
     assert row["independent"] == "n/a" and float(row["seed-2"]) == pytest.approx(
         100 * per_seed["VisA", 2]["pixel_auroc"], abs=1e-4)
 
-    # an interrupted training resumes from its saved state; the stage's test is redone
+    # an interrupted training resumes from its saved state; the tests of its model are redone
     ckpt = out / "train" / "MVTec" / "seed-2" / "checkpoint" / "adapters.safetensors"
     before = ckpt.stat().st_mtime_ns
     (out / "train" / "MVTec" / "seed-2" / R.DONE_FILE).unlink()
-    (out / "test" / "VisA" / "seed-2" / R.DONE_FILE).unlink()
     with monkeypatch.context() as m:
         calls = _counting(m)
         assert main(args(data_root, out, tiny_clip_config)) == 0
@@ -184,6 +186,18 @@ def test_two_seeds_resume_and_report(data_root, tmp_path, tiny_clip_config, monk
     one = json.loads((out2 / "reproduction.json").read_text())["datasets"][0]["metrics"]["image_auroc"]
     assert one["n"] == 1 and one["std"] is None
     assert "± n/a" in (out2 / "reproduction.md").read_text()
+
+    # the same weights as an official .pth, described by the model flags (backbone: a local weight file)
+    official = ours_to_official(load_file(str(ours / "adapters.safetensors")))
+    pth = tmp_path / "visa.pth"
+    torch.save({"epoch": 1, **{part: {k.split(".", 1)[1]: v for k, v in official.items() if k.startswith(part)}
+                               for part in ("image_adapter", "text_adapter")}}, pth)
+    out3 = tmp_path / "official"
+    assert main(["reproduce", "--data-root", str(data_root), "--out", str(out3), "--protocol", "industrial",
+                 "--datasets", "MVTec", "--checkpoint", str(pth), "--clip-model", str(tiny_clip_config),
+                 "--clip-weights", str(ours / "clip.safetensors"), "--image-size", "64"]) == 0
+    assert json.loads((out3 / "test" / "MVTec" / "ckpt-1" / "results.json").read_text())["datasets"][0][
+        "average"] == per_seed["MVTec", 1]
 
 
 def test_summary_undefined_metrics_are_na_not_zero():

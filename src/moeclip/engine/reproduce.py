@@ -27,6 +27,7 @@ import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -415,11 +416,23 @@ def stage_complete(plan: Plan, stage: Stage) -> bool:
     if doc is None:
         raise MoECLIPError(f"{marker}: unreadable completion marker; delete the folder to redo the stage")
     _check_spec(doc.get("spec"), plan.spec(stage), marker)
+    if stage.kind == "test" and doc.get("model_stamp") != model_stamp(plan, stage):
+        return False  # its model was trained again (or the checkpoint replaced): test again
     return True
 
 
+def model_stamp(plan: Plan, stage: Stage) -> Optional[str]:
+    """Identifies the model a test stage evaluates: its training's completion time, or the file's mtime."""
+    if stage.checkpoint is None:
+        done = _read_json(plan.out / stage.train_path / DONE_FILE) or {}
+        return done.get("finished")
+    p = Path(stage.checkpoint)
+    p = p / "adapters.safetensors" if p.is_dir() else p
+    return str(p.stat().st_mtime_ns) if p.exists() else None
+
+
 def _mark_done(folder: Path, spec: dict, started: float, extra: dict) -> None:
-    doc = {"spec": spec, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    doc = {"spec": spec, "finished": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
            "seconds": round(time.time() - started, 3), **extra}
     atomic_write_text(folder / DONE_FILE, json.dumps(doc, indent=2) + "\n")
 
@@ -510,7 +523,7 @@ def _run_test(plan: Plan, stage: Stage, device, say, progress: bool, cache: dict
     doc, table = results_document(path, model.config.to_dict(), [result])
     atomic_write_text(part / "results.json", doc)
     atomic_write_text(part / "results.csv", table)
-    _mark_done(part, spec, started, {"results": "results.json"})
+    _mark_done(part, spec, started, {"results": "results.json", "model_stamp": model_stamp(plan, stage)})
     if folder.exists():
         shutil.rmtree(folder)  # an incomplete leftover (no marker)
     os.replace(part, folder)
