@@ -70,6 +70,13 @@ def test_dry_run_lists_found_and_missing(data_root, tmp_path, tiny_clip_config, 
     text = capsys.readouterr().out
     assert "train/VisA/seed-5" in text and "test/VisA/seed-5" in text and "expected unknown" in text
     assert "nothing was run" in text and not out.exists()
+    # the same plan from Python
+    plan = R.build_plan(data_root, out, R.ReproduceConfig(protocol="industrial", seeds=(1,), skip_missing=True))
+    assert [s.path for s in plan.stages] == ["train/VisA/seed-1", "test/MVTec/seed-1", "train/MVTec/seed-1",
+                                             "test/VisA/seed-1"]
+    assert sorted(plan.missing) == ["BTAD", "DTD-Synthetic", "RSDD"] and plan.found["VisA"].images == 8
+    with pytest.raises(MoECLIPError, match="each seed once"):
+        R.build_plan(data_root, out, R.ReproduceConfig(seeds=(1, 1)))
 
 
 def _counting(monkeypatch, stop_at=None):

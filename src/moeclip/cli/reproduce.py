@@ -93,11 +93,9 @@ def config_from_args(args):
 def run(args) -> int:
     from ..engine.reproduce import build_plan, run_plan
     from ..errors import MoECLIPError
-    from ..precision import resolve_device
 
     config = config_from_args(args)
-    device = resolve_device(args.device).type
-    plan = build_plan(args.data_root, args.out, config, device=device)
+    plan = build_plan(args.data_root, args.out, config)
     if args.dry_run:
         print(plan.format())
         try:

@@ -358,27 +358,42 @@ def _absolute_files(config: ReproduceConfig) -> ReproduceConfig:
     return dataclasses.replace(config, model=ModelConfig(backbone, config.model.adapter), backbone_overrides=overrides)
 
 
-def build_plan(data_root, out, config: ReproduceConfig, device: str = "cpu") -> Plan:
-    """Stages in running order: per training data and replicate, its training then its tests."""
+def _replicates(config: ReproduceConfig, train: str, tests, groups, missing: Dict[str, str], notes: List[str]):
+    """(replicate, seed, checkpoint) of the models trained on ``train``; records why there are none."""
+    if config.checkpoints:
+        reps = [(f"ckpt-{i}", None, p) for i, p in enumerate(groups.get(train, []), 1)]
+        if not reps:
+            missing[f"model trained on {train}"] = f"no --checkpoint {train}=PATH given"
+        return reps
+    if train in missing:
+        notes.append(f"no training data {train}: {', '.join(tests)} cannot be tested")
+        return []
+    return [(f"seed-{s}", s, None) for s in config.seeds]
+
+
+def build_plan(data_root, out, config: ReproduceConfig, device: Optional[str] = None) -> Plan:
+    """Stages in running order: per training data and replicate, its training then its tests.
+
+    ``device`` (a device type) only selects the benchmark figures of the estimates; by default the
+    type of ``config.device``.
+    """
+    if device is None:
+        from ..precision import resolve_device
+
+        device = resolve_device(config.device).type
     config = _absolute_files(config)
     legs = protocol_legs(config.protocol, config.datasets)
     if not config.checkpoints and not config.seeds:
         raise MoECLIPError("no seeds given")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise MoECLIPError(f"--seeds {','.join(map(str, config.seeds))}: each seed once")
     groups = _checkpoint_groups(config, legs) if config.checkpoints else {}
     needed = [k for train, tests in legs for k in ((() if config.checkpoints else (train,)) + tests)]
     found, missing = locate_datasets(Path(data_root), list(dict.fromkeys(needed)))
     stages: List[Stage] = []
     notes: List[str] = []
     for train, tests in legs:
-        if config.checkpoints:
-            reps = [(f"ckpt-{i}", None, p) for i, p in enumerate(groups.get(train, []), 1)]
-            if not reps:
-                missing[f"model trained on {train}"] = f"no --checkpoint {train}=PATH given"
-        else:
-            reps = [(f"seed-{s}", s, None) for s in config.seeds]
-            if train in missing:
-                notes.append(f"no training data {train}: {', '.join(tests)} cannot be tested")
-                reps = []
+        reps = _replicates(config, train, tests, groups, missing, notes)
         present = [t for t in tests if t in found]
         if not reps or not present:
             continue
