@@ -298,7 +298,9 @@ class Plan:
         lines.append(f"expected time of the stages to do: {known}"
                      + (f" ({unknown} stage(s) unknown: no benchmark figure for this model, image size, precision "
                         f"and device)" if unknown else ""))
-        lines.extend(f"  estimate from: {f}" for f in figures)
+        if figures:
+            lines.append("  estimates: seconds per image of these measurements, times the images a stage processes")
+        lines.extend(f"  from {f}" for f in figures)
         return "\n".join(lines)
 
 
