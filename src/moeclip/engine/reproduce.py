@@ -454,7 +454,7 @@ def _mark_done(folder: Path, spec: dict, started: float, extra: dict) -> None:
     atomic_write_text(folder / DONE_FILE, json.dumps(doc, indent=2) + "\n")
 
 
-def _source(plan: Plan, key: str, say):
+def _source(plan: Plan, key: str):
     from .sources import build_source
 
     loc = plan.found[key]
@@ -476,7 +476,7 @@ def _run_train(plan: Plan, stage: Stage, device, say, progress: bool) -> None:
         shutil.rmtree(folder)  # started but not one epoch saved: nothing to keep
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / SPEC_FILE, json.dumps(spec, indent=2) + "\n")
-    source = _source(plan, stage.dataset, say)
+    source = _source(plan, stage.dataset)
     config = plan.config
     torch.manual_seed(stage.seed)  # FOFS matrices and projection init, as `moeclip train`
     model = MoECLIP.from_config(config.model).to(device)
@@ -533,7 +533,7 @@ def _run_test(plan: Plan, stage: Stage, device, say, progress: bool, cache: dict
         shutil.rmtree(part)
     part.mkdir(parents=True)
     path, model = _load_for(plan, stage, device, cache)
-    source = _source(plan, stage.dataset, say)
+    source = _source(plan, stage.dataset)
     result = evaluate_source(model, source, image_size=model.config.backbone.image_size, device=device,
                              precision=plan.config.train.precision, batch_size=plan.config.eval_batch_size,
                              workers=plan.config.train.workers, progress=progress)
@@ -542,7 +542,7 @@ def _run_test(plan: Plan, stage: Stage, device, say, progress: bool, cache: dict
     atomic_write_text(part / "results.csv", table)
     _mark_done(part, spec, started, {"results": "results.json", "model_stamp": model_stamp(plan, stage)})
     if folder.exists():
-        shutil.rmtree(folder)  # an incomplete leftover (no marker)
+        shutil.rmtree(folder)  # an incomplete leftover, or the results of a model trained again
     os.replace(part, folder)
 
 
