@@ -224,3 +224,24 @@ def test_cli_choices_come_from_the_library():
 
     assert set(PRECISIONS) == set(precision.PRECISIONS)
     assert DOMAINS == ("industrial", "medical") == tuple(d.value for d in Domain)
+
+
+def test_score_images_passes_runtime_extras_and_decodes_uploads():
+    import io
+
+    from moeclip.inference.pipeline import Prediction, decode
+
+    class WithExtras(FixedRuntime):
+        def raw(self, images, object, domain):
+            maps, scores = fixed_raw(images)
+            return maps, scores, {"fewshot_max": maps.max(axis=(1, 2)) + 1}
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(buf, format="GIF")
+    images = [decode(buf.getvalue()), Image.new("RGB", (30, 12))]
+    assert images[0].size == (20, 10) and images[0].mode == "RGB"
+    got = score_images(WithExtras(), pp.PostProcessor(NUM_MAPS), images, "object")
+    maps, _ = fixed_raw(images)
+    assert [g.extra["fewshot_max"] for g in got] == pytest.approx(list(maps.max(axis=(1, 2)) + 1))
+    assert [g.anomaly_map.shape for g in got] == [(10, 20), (12, 30)]
+    assert Prediction.from_scored(got[1], "object", "industrial").extra == got[1].extra

@@ -31,6 +31,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "IMAGE_FORMATS",
     "ImageTooLarge",
+    "UnsupportedImage",
     "decode_image_bytes",
     "exif_oriented",
     "MASK_POLICIES",
@@ -55,8 +56,8 @@ DEFAULT_MAX_PIXELS: Optional[int] = 2 * 89_478_485
 MASK_POLICIES = ("nonzero", "half")
 
 #: Pillow decoders for user images (predict folders and globs, serve uploads): format -> suffixes.
-#: MPO is how Pillow names the JPEGs many phones write.
-IMAGE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "MPO": (), "BMP": (".bmp",),
+#: (Pillow's JPEG decoder also reads the multi-picture JPEGs many phones write.)
+IMAGE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "BMP": (".bmp",),
                  "TIFF": (".tif", ".tiff"), "WEBP": (".webp",), "GIF": (".gif",)}
 #: Lower-case file suffixes taken from folders and globs.
 IMAGE_EXTENSIONS = frozenset(ext for exts in IMAGE_FORMATS.values() for ext in exts)
@@ -172,6 +173,10 @@ class ImageTooLarge(MoECLIPError):
     """More pixels than allowed (a possible decompression bomb)."""
 
 
+class UnsupportedImage(MoECLIPError):
+    """Data that none of the allowed decoders recognises."""
+
+
 def _check_pixels(width: int, height: int, path: str, max_pixels: Optional[int]) -> None:
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLarge(f"{path}: image of {width}x{height} pixels exceeds the limit of "
@@ -249,23 +254,26 @@ def decode_image_bytes(data: bytes, source: str = "upload", max_pixels: Optional
                        formats=tuple(IMAGE_FORMATS), orient: bool = True) -> Image.Image:
     """Bytes (e.g. an upload) -> oriented 8-bit RGB, trying only the Pillow decoders in ``formats``.
 
-    Raises :class:`MoECLIPError` naming ``source``; Pillow's ``UnidentifiedImageError`` (not one
-    of ``formats``) and ``DecompressionBombError`` pass through so a service can map them to
-    their own status codes.
+    Errors are :class:`MoECLIPError` naming ``source``: :class:`UnsupportedImage` (not one of
+    ``formats``), :class:`ImageTooLarge` (pixel limit, decompression bomb), plain for broken data.
     """
     import io
 
     if not data:
         raise MoECLIPError(f"{source}: the file is empty")
-    with Image.open(io.BytesIO(data), formats=formats) as im:
-        _check_pixels(im.width, im.height, source, max_pixels)
-        try:
+    try:
+        with Image.open(io.BytesIO(data), formats=formats) as im:
+            _check_pixels(im.width, im.height, source, max_pixels)
             im.load()
             return _oriented_rgb(im, source) if orient else _pil_to_rgb(im, source)
-        except Image.DecompressionBombError:
-            raise
-        except _READ_ERRORS as exc:
-            raise MoECLIPError(f"{source}: cannot decode the image ({_reason(exc)})") from None
+    except MoECLIPError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{source}: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise UnsupportedImage(f"{source}: not a {', '.join(formats)} image") from None
+    except Exception as exc:  # noqa: BLE001 - truncated or malformed data: Pillow raises many types
+        raise MoECLIPError(f"{source}: cannot decode the image ({_reason(exc)})") from None
 
 
 def verify_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> None:

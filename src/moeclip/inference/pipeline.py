@@ -41,7 +41,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Protocol, Se
 
 import numpy as np
 
-from ..data.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_image, to_pil_rgb
+from ..data.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image_bytes, load_image, to_pil_rgb
 from ..errors import MoECLIPError
 from ..model.prompts import GENERIC_OBJECT
 from .postprocess import PostProcessor, Scored
@@ -212,16 +212,20 @@ class ObjectRules:
 
 
 # ---------------------------------------------------------------------------- decoding
-def decode(item: Union[Job, ImageLike], max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
+def decode(item: Union[Job, ImageLike, bytes], max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
     """One input -> 8-bit RGB PIL image as a viewer shows it (EXIF orientation applied).
 
-    Files, PIL images and arrays (HxW, HxWx3, HxWx4; uint8, 16-bit, float in [0, 1]); errors
-    are :class:`MoECLIPError` naming the file.
+    Files, PIL images, arrays (HxW, HxWx3, HxWx4; uint8, 16-bit, float in [0, 1]) and encoded
+    bytes (uploads: only the decoders of :data:`~moeclip.data.imageio.IMAGE_FORMATS` are tried);
+    errors are :class:`MoECLIPError` naming the file.
     """
     if isinstance(item, Job):
         if item.image is not None:
-            return to_pil_rgb(item.image, item.label, orient=True)
+            return decode(item.image, max_pixels) if isinstance(item.image, bytes) else \
+                to_pil_rgb(item.image, item.label, orient=True)
         item = item.path
+    if isinstance(item, (bytes, bytearray)):
+        return decode_image_bytes(bytes(item), "upload", max_pixels)
     if isinstance(item, (str, Path)):
         return load_image(item, max_pixels=max_pixels, orient=True)
     return to_pil_rgb(item, orient=True)
@@ -244,7 +248,7 @@ class Prediction:
 
     @classmethod
     def from_scored(cls, s: Scored, object: str, domain: str, path: Optional[str] = None) -> "Prediction":
-        return cls(s.anomaly_map, s.raw_score, s.map_max, s.score, object, domain, path, s.decision)
+        return cls(s.anomaly_map, s.raw_score, s.map_max, s.score, object, domain, path, s.decision, dict(s.extra))
 
 
 class Runtime(Protocol):
@@ -253,8 +257,12 @@ class Runtime(Protocol):
     num_maps: int     # maps summed into the raw map (the uncalibrated scale depends on it)
     image_size: int   # the model's input side S
 
-    def raw(self, images: Sequence[Any], object: str, domain: str) -> Tuple[np.ndarray, np.ndarray]:
-        """PIL RGB images -> (raw maps float32 (B, S, S), raw image scores float32 (B,))."""
+    def raw(self, images: Sequence[Any], object: str, domain: str) -> Tuple[np.ndarray, ...]:
+        """PIL RGB images -> (raw maps float32 (B, S, S), raw image scores float32 (B,)[, extras]).
+
+        ``extras`` (optional third item): a dict of per-image arrays (B, ...) that reach
+        :attr:`Scored.extra <moeclip.inference.postprocess.Scored.extra>` unchanged.
+        """
 
 
 class TorchRuntime:
@@ -363,8 +371,15 @@ def score_images(runtime: Runtime, post: PostProcessor, images: Sequence[Any], o
         return []
     if domain is not None and domain != post.domain:
         post = post.with_domain(domain)
-    maps, raw = runtime.raw(list(images), object, post.domain)
-    return [post(m, float(r), (img.height, img.width)) for img, m, r in zip(images, maps, raw)]
+    out = runtime.raw(list(images), object, post.domain)
+    maps, raw = out[0], out[1]
+    extras = out[2] if len(out) > 2 else {}
+    results = []
+    for i, img in enumerate(images):
+        scored = post(maps[i], float(raw[i]), (img.height, img.width))
+        scored.extra = {k: v[i] for k, v in extras.items()}
+        results.append(scored)
+    return results
 
 
 def result_record(job: Job, scored: Scored, image, post: PostProcessor, name: Optional[str] = None) -> Dict[str, Any]:

@@ -20,8 +20,8 @@ the map maximum and the raw image score once both are on one of those [0, 1] sca
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -212,6 +212,7 @@ class Scored:
     raw_score: float                 # (c_abnormal + 1) / 2
     score: float                     # final image score in [0, 1]
     decision: Optional[bool] = None  # score >= threshold, when a threshold is known
+    extra: Dict[str, Any] = field(default_factory=dict)  # per-image extras a runtime returned
 
 
 @dataclass
