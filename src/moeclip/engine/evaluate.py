@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from ..data.dataset import ZSADDataset, collate
 from ..data.sample import Sample
 from ..metrics import ClassAccumulator, average_results
-from ..precision import autocast
 from ..model.scoring import Domain
+from ..precision import autocast
 from . import distributed as dist_utils
 
 log = logging.getLogger(__name__)
