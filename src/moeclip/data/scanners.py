@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 from ..errors import MoECLIPError
-from . import manifest
+from . import layouts, manifest
 from .layouts import (
     IMAGE_EXTENSIONS,
     PathLike,
@@ -47,6 +47,10 @@ __all__ = [
     "looks_like_test_folders", "scan_image_mask_pairs", "looks_like_image_mask_pairs", "scan_dagm",
     "looks_like_dagm",
 ]
+
+# helpers other modules imported from here before the layouts moved out (the fewshot branch's
+# data/references.py); new code imports them from .layouts
+_image_files, _subdirs = layouts._image_files, layouts._subdirs
 
 
 # --------------------------------------------------------------------------- validation of listed samples
