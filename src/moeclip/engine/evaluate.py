@@ -1,4 +1,5 @@
-"""Zero-shot evaluation with the official rule, class by class."""
+"""Zero-shot evaluation loop: the model over a dataset, class by class, scored by the official rule
+(:mod:`moeclip.metrics.protocol`)."""
 from __future__ import annotations
 
 import logging
