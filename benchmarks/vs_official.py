@@ -58,7 +58,7 @@ import os
 import sys
 import tempfile
 import types
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -383,6 +383,130 @@ def parse(argv=None):
     return args
 
 
+def time_inference(args, ref, off, ours, images, device) -> Tuple[Dict[str, Any], List[list]]:
+    """Interleaved inference timings: official, official core, ours, the plain-CLIP floor."""
+    rows: List[list] = []
+    print("timing inference ...", flush=True)
+    with torch.no_grad():
+        t_off = official_text(ref, off, device)
+    t_ours = ours.text_features(common.DESCRIPTION).detach()
+    off.eval(), ours.eval()
+
+    def wrap(fn):
+        def run():
+            with common.autocast(device, args.precision):
+                return fn()
+        return run
+
+    fns = {
+        "official": wrap(lambda: official_infer(ref, off, images, t_off, args.image_size, True)),
+        "official_core": wrap(lambda: official_infer(ref, off, images, t_off, args.image_size, False)),
+        "ours": wrap(lambda: ours_infer(ours, images, t_ours)),
+        "clip_floor": common.clip_floor_infer(ours, images, device, args.precision),
+    }
+    try:
+        cpu = {}
+        times = common.bench(fns, device, args.warmup, args.repeats, cpu_times=cpu)
+        s = {k: common.summary(v) for k, v in times.items()}
+        sc = {k: common.summary(v) for k, v in cpu.items()}
+        inf = {"times": s, "cpu_times": sc, "official_s": s["official"]["median"],
+               "official_core_s": s["official_core"]["median"], "ours_s": s["ours"]["median"]}
+        inf["speedup"] = inf["official_s"] / inf["ours_s"]
+        inf["speedup_vs_core"] = inf["official_core_s"] / inf["ours_s"]
+        inf["speedup_min"] = s["official"]["min"] / s["ours"]["min"]
+        inf["speedup_cpu_time"] = sc["official"]["median"] / sc["ours"]["median"]
+        inf["speedup_vs_core_cpu_time"] = sc["official_core"]["median"] / sc["ours"]["median"]
+        inf["clip_floor_s"] = s["clip_floor"]["median"]
+        inf["ceiling_speedup"] = inf["official_s"] / inf["clip_floor_s"]  # if ours cost no more than CLIP
+        inf["ceiling_speedup_cpu_time"] = sc["official"]["median"] / sc["clip_floor"]["median"]
+        rows += [["inference", "official (get_predictions)", inf["official_s"], ""],
+                 ["inference", "official core (one map loop)", inf["official_core_s"], ""],
+                 ["inference", "ours (predict)", inf["ours_s"],
+                  f"x{inf['speedup']:.2f} (x{inf['speedup_vs_core']:.2f} vs core); CPU time "
+                  f"x{inf['speedup_cpu_time']:.2f} (x{inf['speedup_vs_core_cpu_time']:.2f})"],
+                 ["inference", "plain CLIP encode_image (floor)", inf["clip_floor_s"],
+                  f"ceiling x{inf['ceiling_speedup']:.2f} (CPU time x{inf['ceiling_speedup_cpu_time']:.2f})"]]
+    except Exception as exc:
+        inf = {"error": f"{type(exc).__name__}: {exc}"}
+        print("inference timing failed:", inf["error"])
+    return inf, rows
+
+
+def time_training(args, ref, off, ours, images, masks, labels, device, modes) -> Tuple[Dict[str, Any], List[list]]:
+    """Interleaved training-step timings per mode: official, ours, the official text pass, the floor."""
+    rows: List[list] = []
+    training: Dict[str, Any] = {}
+    for mode in modes:
+        print(f"timing training step, mode {mode} ...", flush=True)
+        o_model = ours if mode == "paper" else args._ours_released
+        fns = {
+            "official": make_official_step(ref, off, official_optimizer(off), images, masks, labels,
+                                           args.image_size, device, mode, args.precision),
+            "ours": make_ours_step(o_model, ours_optimizer(o_model), images, masks, labels, device,
+                                   args.precision),
+        }
+        # the official text tower pass alone: a part of its step that ours caches (interleaved too)
+        def text_pass():
+            with common.autocast(device, args.precision):
+                return official_text(ref, off, device)
+        fns["official_text_pass"] = text_pass
+        fns["clip_floor"] = common.clip_floor_step(o_model, images, device, args.precision)
+        try:
+            cpu = {}
+            times = common.bench(fns, device, args.warmup, args.repeats, cpu_times=cpu)
+            s = {k: common.summary(v) for k, v in times.items()}
+            sc = {k: common.summary(v) for k, v in cpu.items()}
+            tr = {"times": s, "cpu_times": sc, "official_s": s["official"]["median"], "ours_s": s["ours"]["median"],
+                  "official_text_encoding_s": s["official_text_pass"]["median"]}
+            tr["speedup"] = tr["official_s"] / tr["ours_s"]
+            tr["speedup_min"] = s["official"]["min"] / s["ours"]["min"]
+            tr["speedup_cpu_time"] = sc["official"]["median"] / sc["ours"]["median"]
+            tr["speedup_without_official_text"] = (tr["official_s"] - tr["official_text_encoding_s"]) / tr["ours_s"]
+            tr["speedup_without_official_text_cpu_time"] = \
+                (sc["official"]["median"] - sc["official_text_pass"]["median"]) / sc["ours"]["median"]
+            tr["clip_floor_s"] = s["clip_floor"]["median"]
+            tr["ceiling_speedup"] = tr["official_s"] / tr["clip_floor_s"]
+            tr["ceiling_speedup_cpu_time"] = sc["official"]["median"] / sc["clip_floor"]["median"]
+            rows += [[f"train ({mode})", "official (train_adapter step)", tr["official_s"],
+                      f"of which text tower {tr['official_text_encoding_s']:.3g} s"],
+                     [f"train ({mode})", "ours", tr["ours_s"],
+                      f"x{tr['speedup']:.2f} (x{tr['speedup_without_official_text']:.2f} without their text pass); "
+                      f"CPU time x{tr['speedup_cpu_time']:.2f} "
+                      f"(x{tr['speedup_without_official_text_cpu_time']:.2f})"],
+                     [f"train ({mode})", "frozen-tower floor (fwd + bwd to 1st MoE)", tr["clip_floor_s"],
+                      f"ceiling x{tr['ceiling_speedup']:.2f} (CPU time x{tr['ceiling_speedup_cpu_time']:.2f})"]]
+        except Exception as exc:
+            tr = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"training timing ({mode}) failed:", tr["error"])
+        training[mode] = tr
+    return training, rows
+
+
+def measure_memory(args, tasks, modes, weights: str) -> Tuple[Dict[str, Any], List[list], Dict[str, float]]:
+    """Peak memory of each timed variant, each in a fresh process loading ``weights``."""
+    variants = (["official:infer", "ours:infer"] if "infer" in tasks else []) + \
+               [f"{side}:train-{m}" for m in (modes if "train" in tasks else []) for side in ("official", "ours")]
+    mem = {v: run_worker_subprocess(args, v, weights) for v in variants}
+    rows = [["memory", v, r.get("peak_extra_mib", r.get("error")), "MiB peak extra"] for v, r in mem.items()]
+    ratios: Dict[str, float] = {}
+    for task_key in ["infer"] + [f"train-{m}" for m in modes]:
+        a, b = mem.get(f"official:{task_key}", {}), mem.get(f"ours:{task_key}", {})
+        if "peak_extra_mib" in a and "peak_extra_mib" in b and b["peak_extra_mib"]:
+            ratios[task_key] = a["peak_extra_mib"] / b["peak_extra_mib"]
+    return mem, rows, ratios
+
+
+def print_summary(args, device, check: Dict[str, Any], rows: List[list]) -> None:
+    print()
+    print(f"vs official: {args.clip_model} @ {args.image_size}, batch {args.batch_size}, {args.precision}, {device} "
+          f"(median of {args.repeats} after {args.warmup} warm-up)")
+    print(f"agreement: map rel diff {check['map_rel_diff']:.2e} (ok={check['maps_ok']}), "
+          f"score diff {check['score_max_abs_diff']:.2e} (ok={check['scores_ok']})"
+          + (f", loss rel diff {check['loss_rel_diff']:.2e}, grad rel diff {check['grad_max_rel_diff']:.2e}"
+             if "loss_rel_diff" in check else ""))
+    common.print_table(rows, ["task", "variant", "s (or MiB)", "note"])
+
+
 def main(argv=None) -> Dict[str, Any]:
     args = parse(argv)
     if args._worker:
@@ -417,122 +541,25 @@ def main(argv=None) -> Dict[str, Any]:
                            "check": check, "machine": common.machine_info(device)}
     rows = []
     if "infer" in tasks:
-        print("timing inference ...", flush=True)
-        with torch.no_grad():
-            t_off = official_text(ref, off, device)
-        t_ours = ours.text_features(common.DESCRIPTION).detach()
-        off.eval(), ours.eval()
-
-        def wrap(fn):
-            def run():
-                with common.autocast(device, args.precision):
-                    return fn()
-            return run
-
-        fns = {
-            "official": wrap(lambda: official_infer(ref, off, images, t_off, args.image_size, True)),
-            "official_core": wrap(lambda: official_infer(ref, off, images, t_off, args.image_size, False)),
-            "ours": wrap(lambda: ours_infer(ours, images, t_ours)),
-            "clip_floor": common.clip_floor_infer(ours, images, device, args.precision),
-        }
-        try:
-            cpu = {}
-            times = common.bench(fns, device, args.warmup, args.repeats, cpu_times=cpu)
-            s = {k: common.summary(v) for k, v in times.items()}
-            sc = {k: common.summary(v) for k, v in cpu.items()}
-            inf = {"times": s, "cpu_times": sc, "official_s": s["official"]["median"],
-                   "official_core_s": s["official_core"]["median"], "ours_s": s["ours"]["median"]}
-            inf["speedup"] = inf["official_s"] / inf["ours_s"]
-            inf["speedup_vs_core"] = inf["official_core_s"] / inf["ours_s"]
-            inf["speedup_min"] = s["official"]["min"] / s["ours"]["min"]
-            inf["speedup_cpu_time"] = sc["official"]["median"] / sc["ours"]["median"]
-            inf["speedup_vs_core_cpu_time"] = sc["official_core"]["median"] / sc["ours"]["median"]
-            inf["clip_floor_s"] = s["clip_floor"]["median"]
-            inf["ceiling_speedup"] = inf["official_s"] / inf["clip_floor_s"]  # if ours cost no more than CLIP
-            inf["ceiling_speedup_cpu_time"] = sc["official"]["median"] / sc["clip_floor"]["median"]
-            rows += [["inference", "official (get_predictions)", inf["official_s"], ""],
-                     ["inference", "official core (one map loop)", inf["official_core_s"], ""],
-                     ["inference", "ours (predict)", inf["ours_s"],
-                      f"x{inf['speedup']:.2f} (x{inf['speedup_vs_core']:.2f} vs core); CPU time "
-                      f"x{inf['speedup_cpu_time']:.2f} (x{inf['speedup_vs_core_cpu_time']:.2f})"],
-                     ["inference", "plain CLIP encode_image (floor)", inf["clip_floor_s"],
-                      f"ceiling x{inf['ceiling_speedup']:.2f} (CPU time x{inf['ceiling_speedup_cpu_time']:.2f})"]]
-        except Exception as exc:
-            inf = {"error": f"{type(exc).__name__}: {exc}"}
-            print("inference timing failed:", inf["error"])
-        doc["inference"] = inf
+        doc["inference"], inf_rows = time_inference(args, ref, off, ours, images, device)
+        rows += inf_rows
     if "train" in tasks:
-        doc["training"] = {}
-        for mode in modes:
-            print(f"timing training step, mode {mode} ...", flush=True)
-            o_model = ours if mode == "paper" else args._ours_released
-            fns = {
-                "official": make_official_step(ref, off, official_optimizer(off), images, masks, labels,
-                                               args.image_size, device, mode, args.precision),
-                "ours": make_ours_step(o_model, ours_optimizer(o_model), images, masks, labels, device,
-                                       args.precision),
-            }
-            # the official text tower pass alone: a part of its step that ours caches (interleaved too)
-            def text_pass():
-                with common.autocast(device, args.precision):
-                    return official_text(ref, off, device)
-            fns["official_text_pass"] = text_pass
-            fns["clip_floor"] = common.clip_floor_step(o_model, images, device, args.precision)
-            try:
-                cpu = {}
-                times = common.bench(fns, device, args.warmup, args.repeats, cpu_times=cpu)
-                s = {k: common.summary(v) for k, v in times.items()}
-                sc = {k: common.summary(v) for k, v in cpu.items()}
-                tr = {"times": s, "cpu_times": sc, "official_s": s["official"]["median"], "ours_s": s["ours"]["median"],
-                      "official_text_encoding_s": s["official_text_pass"]["median"]}
-                tr["speedup"] = tr["official_s"] / tr["ours_s"]
-                tr["speedup_min"] = s["official"]["min"] / s["ours"]["min"]
-                tr["speedup_cpu_time"] = sc["official"]["median"] / sc["ours"]["median"]
-                tr["speedup_without_official_text"] = (tr["official_s"] - tr["official_text_encoding_s"]) / tr["ours_s"]
-                tr["speedup_without_official_text_cpu_time"] = \
-                    (sc["official"]["median"] - sc["official_text_pass"]["median"]) / sc["ours"]["median"]
-                tr["clip_floor_s"] = s["clip_floor"]["median"]
-                tr["ceiling_speedup"] = tr["official_s"] / tr["clip_floor_s"]
-                tr["ceiling_speedup_cpu_time"] = sc["official"]["median"] / sc["clip_floor"]["median"]
-                rows += [[f"train ({mode})", "official (train_adapter step)", tr["official_s"],
-                          f"of which text tower {tr['official_text_encoding_s']:.3g} s"],
-                         [f"train ({mode})", "ours", tr["ours_s"],
-                          f"x{tr['speedup']:.2f} (x{tr['speedup_without_official_text']:.2f} without their text pass); "
-                          f"CPU time x{tr['speedup_cpu_time']:.2f} "
-                          f"(x{tr['speedup_without_official_text_cpu_time']:.2f})"],
-                         [f"train ({mode})", "frozen-tower floor (fwd + bwd to 1st MoE)", tr["clip_floor_s"],
-                          f"ceiling x{tr['ceiling_speedup']:.2f} (CPU time x{tr['ceiling_speedup_cpu_time']:.2f})"]]
-            except Exception as exc:
-                tr = {"error": f"{type(exc).__name__}: {exc}"}
-                print(f"training timing ({mode}) failed:", tr["error"])
-            doc["training"][mode] = tr
+        doc["training"], train_rows = time_training(args, ref, off, ours, images, masks, labels, device, modes)
+        rows += train_rows
     del args._ours_released
 
     if not args.no_memory:
-        variants = (["official:infer", "ours:infer"] if "infer" in tasks else []) + \
-                   [f"{side}:train-{m}" for m in (modes if "train" in tasks else []) for side in ("official", "ours")]
         with tempfile.TemporaryDirectory() as tmp:
             weights = os.path.join(tmp, "weights.pt")
             torch.save({"clip": clip_state, "adapters": adapters}, weights)
-            del off, ours, clip_state, adapters
+            del off, ours, clip_state, adapters  # the workers measure from a clean process
             gc.collect()
-            mem = {v: run_worker_subprocess(args, v, weights) for v in variants}
-        doc["memory"] = mem
-        for v, r in mem.items():
-            rows.append(["memory", v, r.get("peak_extra_mib", r.get("error")), "MiB peak extra"])
-        for task_key in ["infer"] + [f"train-{m}" for m in modes]:
-            a, b = mem.get(f"official:{task_key}", {}), mem.get(f"ours:{task_key}", {})
-            if "peak_extra_mib" in a and "peak_extra_mib" in b and b["peak_extra_mib"]:
-                doc.setdefault("memory_ratio", {})[task_key] = a["peak_extra_mib"] / b["peak_extra_mib"]
+            doc["memory"], mem_rows, ratios = measure_memory(args, tasks, modes, weights)
+        rows += mem_rows
+        if ratios:
+            doc["memory_ratio"] = ratios
 
-    print()
-    print(f"vs official: {args.clip_model} @ {args.image_size}, batch {args.batch_size}, {args.precision}, {device} "
-          f"(median of {args.repeats} after {args.warmup} warm-up)")
-    print(f"agreement: map rel diff {check['map_rel_diff']:.2e} (ok={check['maps_ok']}), "
-          f"score diff {check['score_max_abs_diff']:.2e} (ok={check['scores_ok']})"
-          + (f", loss rel diff {check['loss_rel_diff']:.2e}, grad rel diff {check['grad_max_rel_diff']:.2e}"
-             if "loss_rel_diff" in check else ""))
-    common.print_table(rows, ["task", "variant", "s (or MiB)", "note"])
+    print_summary(args, device, check, rows)
     common.finish(doc, args.json)
     return doc
 

@@ -17,7 +17,7 @@ def test_old_module_path_is_the_new_module(old):
 
 
 def test_old_from_import_of_public_names():
-    sys.modules.pop("moeclip.detector", None)  # an earlier test may have imported it already
+    sys.modules.pop("moeclip.detector", None)  # the parametrised test above may have imported it
     with pytest.warns(DeprecationWarning):
         from moeclip.detector import Detector  # noqa: F401
     from moeclip.inference.detector import Detector as new

@@ -1,6 +1,6 @@
 """The official evaluation rule reproduces the golden `expected_metrics`.
 
-Facts from /work/shared/golden/README.md (section Metrics): `metrics_inputs.safetensors`
+Facts from tests/golden/README.md (section Metrics): `metrics_inputs.safetensors`
 holds 8 synthetic 32x32 score maps (`pixel_pred`, leaving [0, 1]) with pixel
 labels (`pixel_label`), raw image scores (`image_pred`) and image labels
 (`image_label`); `config.json["expected_metrics"]` holds what the official
@@ -9,23 +9,18 @@ labels (`pixel_label`), raw image scores (`image_pred`) and image labels
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from moeclip.metrics import ClassAccumulator, evaluate_class, official_round, to_official
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
-
 
 @pytest.fixture(scope="module")
-def golden():
-    if not (GOLDEN / "metrics_inputs.safetensors").is_file():
-        pytest.skip(f"golden fixtures not found at {GOLDEN}")
+def golden(golden_dir):
     from safetensors.numpy import load_file
 
-    inputs = load_file(str(GOLDEN / "metrics_inputs.safetensors"))
-    expected = json.loads((GOLDEN / "config.json").read_text())["expected_metrics"]
+    inputs = load_file(str(golden_dir / "metrics_inputs.safetensors"))
+    expected = json.loads((golden_dir / "config.json").read_text())["expected_metrics"]
     return inputs, expected
 
 

@@ -1,6 +1,6 @@
 """The model reproduces every tensor the official code computed on the golden fixture.
 
-Facts from ../shared/golden/README.md: tolerances 1e-5 absolute on features, text features
+Facts from tests/golden/README.md: tolerances 1e-5 absolute on features, text features
 and router probabilities; 1e-4 absolute on anomaly maps; 1e-4 relative on losses and
 gradients; routing indices exact. Router tensors are flattened sequence-major
 (index = token * B + image), as the official code flattens its (L, B, D) stream.

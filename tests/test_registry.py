@@ -154,3 +154,15 @@ def test_parse_generic_formats(tmp_path):
 def test_parse_errors(value, message):
     with pytest.raises(MoECLIPError, match=message):
         parse_data_arg(value)
+
+
+def test_layers_without_cycle():
+    """layouts (no dataset names) <- registry (binds them) <- scanners (what --data names)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import moeclip.data.registry; "
+            "assert 'moeclip.data.layouts' in sys.modules and 'moeclip.data.scanners' not in sys.modules; "
+            "import moeclip.data.layouts as lay; "
+            "assert not any(m in sys.modules for m in ('moeclip.data.scanners', 'torch'))")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from moeclip.data.layouts import find_root, looks_like_folder, scan_folder
 from moeclip.data.manifest import read_jsonl_records
 from moeclip.data.registry import get_dataset, list_datasets
-from moeclip.data.scanners import find_root, load_data, scan, scan_folder, looks_like_folder
+from moeclip.data.scanners import load_data, scan
 from moeclip.errors import MoECLIPError
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "official-metadata"

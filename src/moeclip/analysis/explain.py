@@ -273,7 +273,8 @@ class ImageExplanation:
 
 
 @torch.no_grad()
-def explain_image(model, image: torch.Tensor, text: torch.Tensor, domain: "Domain | str" = "industrial") -> ImageExplanation:
+def explain_image(model, image: torch.Tensor, text: torch.Tensor,
+                  domain: "Domain | str" = "industrial") -> ImageExplanation:
     """Routing maps, entropy and map contributions of one pre-processed image (1, 3, S, S)."""
     if image.dim() == 3:
         image = image.unsqueeze(0)

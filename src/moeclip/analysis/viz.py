@@ -210,7 +210,8 @@ def similarity_figure(sim: np.ndarray, title: str) -> Figure:
     for i in range(E):
         for j in range(E):
             v = sim[i, j]
-            ax.text(j, i, "n/a" if np.isnan(v) else f"{v + 0.0:.2f}".replace("-0.00", "0.00"), ha="center", va="center", fontsize=8,
+            ax.text(j, i, "n/a" if np.isnan(v) else f"{v + 0.0:.2f}".replace("-0.00", "0.00"),
+                    ha="center", va="center", fontsize=8,
                     color="white" if not np.isnan(v) and abs(v) > 0.6 else "black")
     ax.set_xticks(range(E))
     ax.set_yticks(range(E))

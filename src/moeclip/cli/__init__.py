@@ -11,8 +11,8 @@ import sys
 
 from ..errors import MoECLIPError
 
-# Sub-command modules, in the order they appear in --help. Missing ones are skipped
-# so that a partial install (e.g. without the serve extra) still works.
+# Sub-command modules, in the order they appear in --help. They import optional extras
+# (serve, onnx) only when run, so every command is listed whatever is installed.
 _COMMANDS = ["demo", "train", "test", "predict", "calibrate", "serve", "export", "explain",
              "analyze", "ablate", "datasets", "convert"]
 _COMMANDS.append("reproduce")  # issue 15: the paper's protocol in one command
@@ -28,13 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moeclip {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
-        try:
-            module = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:  # command not written yet / optional module
-            if exc.name and exc.name.startswith(f"{__name__}.{name}"):
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f".{name}", __name__).register(sub)
     return parser
 
 

@@ -53,7 +53,8 @@ def _no_action(args) -> int:
 
 def collect_images(data: List[str], images: List[str]) -> List[str]:
     """Sorted, de-duplicated image paths from ``--data`` sources and ``--images`` folders/globs."""
-    from ..data.scanners import IMAGE_EXTENSIONS, load_data
+    from ..data.layouts import IMAGE_EXTENSIONS
+    from ..data.scanners import load_data
 
     found = set()
     for value in data:
@@ -86,9 +87,9 @@ def run_experts(args) -> int:
     import torch
 
     from ..analysis import viz
+    from ..analysis.explain import ExpertStatsAccumulator
     from ..data.imageio import load_image
     from ..data.transforms import preprocess_image
-    from ..analysis.explain import ExpertStatsAccumulator
     from ..precision import autocast
     from .common import detector_from_args, progress
 

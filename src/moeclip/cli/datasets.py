@@ -6,7 +6,6 @@ and can write the official JSONL manifest used by ``train``/``test``.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from collections import OrderedDict
 from typing import List, Sequence
@@ -48,25 +47,18 @@ def register(subparsers) -> None:
 
 
 def _register_synth(sub) -> None:
-    """``datasets synth`` lives in moeclip.data.synth; skip it quietly if that is absent."""
-    try:
-        synth = importlib.import_module("moeclip.data.synth")
-    except ModuleNotFoundError as exc:
-        if exc.name == "moeclip.data.synth":
-            return  # not written yet / not installed
-        raise
-    add_args = getattr(synth, "add_synth_arguments", None)
-    if not callable(add_args) or not callable(getattr(synth, "run_synth", None)):
-        return
+    """``datasets synth``: its options are defined next to the generator, in moeclip.data.synth."""
+    from ..data.synth import add_synth_arguments
+
     p_synth = sub.add_parser("synth", help="generate a small synthetic anomaly dataset")
-    add_args(p_synth)
+    add_synth_arguments(p_synth)
     p_synth.set_defaults(func=run_synth)
 
 
 def run_synth(args) -> int:
-    from ..data import synth  # imported lazily: optional module
+    from ..data.synth import run_synth as synth
 
-    return int(synth.run_synth(args) or 0)
+    return int(synth(args) or 0)
 
 
 def _no_action(args) -> int:

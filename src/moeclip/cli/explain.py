@@ -42,10 +42,9 @@ def run(args) -> int:
     from PIL import Image
 
     from ..analysis import viz
+    from ..analysis.explain import explain_image
     from ..data.imageio import load_image
     from ..data.transforms import preprocess_image
-    from ..analysis.explain import explain_image
-    from ..precision import autocast
     from ..model.prompts import GENERIC_OBJECT
     from .common import detector_from_args
 

@@ -67,11 +67,11 @@ def run(args) -> int:
 
 
 def _run(args, out: Path, device) -> int:
-    from ..fileio import atomic_write_text
     from ..engine import distributed as D
     from ..engine.evaluate import METRIC_KEYS, evaluate_source, format_table
     from ..engine.sources import build_sources
     from ..errors import MoECLIPError
+    from ..fileio import atomic_write_text
 
     if D.is_main():
         if out.exists() and any(out.iterdir()) and not args.overwrite:

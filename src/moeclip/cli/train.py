@@ -83,7 +83,8 @@ def register(sub) -> None:
     o.add_argument("--no-augment", action="store_true", help="disable the joint geometric augmentation")
     o.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute in backward instead of storing: the frozen blocks after the first MoE layer, "
-                        "the MoE adapters, the seg head and the full-resolution loss maps (less memory, ~25-35%% slower)")
+                        "the MoE adapters, the seg head and the full-resolution loss maps "
+                        "(less memory, ~25-35%% slower)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto")
     r.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -102,7 +103,7 @@ def run(args) -> int:
 
     from ..engine import distributed as D
     from ..engine.sources import build_sources
-    from ..engine.train import Trainer, TrainConfig, prepare_run_dir
+    from ..engine.train import TrainConfig, Trainer, prepare_run_dir
     from ..fileio import atomic_write_text
     from ..model.moeclip import MoECLIP
     from ..precision import resolve_device
@@ -133,7 +134,8 @@ def run(args) -> int:
             trainer.resume()
             say(f"resumed {run_dir} at epoch {trainer.epoch}, step {trainer.step}")
         n = len(trainer.dataset)
-        say(f"training on {n} images ({', '.join(s.name for s in sources)}), {sum(p.numel() for p in trainer.params):,} "
+        n_params = sum(p.numel() for p in trainer.params)
+        say(f"training on {n} images ({', '.join(s.name for s in sources)}), {n_params:,} "
             f"trainable parameters, {D.world_size()} process(es), device {device}")
         if D.is_main():
             atomic_write_text(run_dir / "train_args.json", json.dumps(vars(args), indent=2, default=str) + "\n")

@@ -5,9 +5,9 @@ Both formats store paths relative to a dataset root, so reading happens in two s
 untouched), and :func:`records_to_samples` joins them to a root.  Keeping the steps apart lets
 callers find the root first (an archive may unpack one or two folders deeper than expected).
 
-Official JSONL rules (see LAYOUTS.md §2.1): one JSON object per line; ``label`` may be ``0``,
-``1``, ``0.0`` or ``1.0``; ``mask_path`` is present only for anomalies that have a mask (a
-missing key, ``""`` or ``null`` all mean "no mask"); the last line may lack a newline; blank
+Official JSONL rules (as the official test lists are written): one JSON object per line; ``label``
+may be ``0``, ``1``, ``0.0`` or ``1.0``; ``mask_path`` is present only for anomalies that have a mask
+(a missing key, ``""`` or ``null`` all mean "no mask"); the last line may lack a newline; blank
 lines are skipped.
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ from types import MappingProxyType
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import MoECLIPError
-from . import scanners as sc
+from . import layouts
 
 __all__ = [
     "DatasetSpec",
@@ -62,7 +62,7 @@ class DatasetSpec:
     class_names: Tuple[str, ...]      # official CLASS_NAMES order, deduplicated
     descriptions: Mapping[str, str]   # official REAL_NAMES: class -> object description
     has_masks: bool                   # False: image-level only (HeadCT)
-    scanner: Callable[[Path], "sc.ScanResult"]
+    scanner: Callable[[Path], layouts.ScanResult]
     detect: Callable[[Path], bool]    # does this folder hold the expected layout?
     layout: str                       # short description of the expected layout
     aliases: Tuple[str, ...] = ()
@@ -79,8 +79,16 @@ class DatasetSpec:
         """Object description for prompts; see :func:`describe`."""
         return describe(self, class_name, fix_typos=fix_typos)
 
-    def scan(self, path: PathLike, *, strict: bool = False) -> "sc.ScanResult":
-        return sc.scan(self, path, strict=strict)
+    def scan(self, path: PathLike, *, strict: bool = False) -> layouts.ScanResult:
+        """Scan this dataset at ``path`` or up to 3 folders below it (archives add wrappers)."""
+        root = layouts.find_root(path, self.detect, prefer=self.all_names, what=self.display_name,
+                                 expected=self.layout)
+        result = self.scanner(root)
+        result.root = root
+        result.samples = layouts.sort_by_class(result.samples, self.class_names)
+        if strict:
+            result.raise_if_problems(f"{self.display_name} at {root}")
+        return result
 
     def __repr__(self) -> str:
         return f"DatasetSpec({self.key!r})"
@@ -183,9 +191,9 @@ def _folder_spec(key, display, domain, class_dirs: Mapping[str, str], descriptio
         key=key, display_name=display, domain=domain,
         class_names=_unique(dirs.values()), descriptions=MappingProxyType(dict(descriptions)),
         has_masks=True,
-        scanner=partial(sc.scan_folder, dataset=key, class_dirs=dirs, normal_names=normal,
+        scanner=partial(layouts.scan_folder, dataset=key, class_dirs=dirs, normal_names=normal,
                         has_masks=True, variant_from_folder=variant_from_folder),
-        detect=partial(sc.looks_like_folder, class_dirs=dirs),
+        detect=partial(layouts.looks_like_folder, class_dirs=dirs),
         layout=layout, variant_from_folder=variant_from_folder, **kw)
 
 
@@ -193,7 +201,7 @@ def _bmad_spec(key, display, aliases, root_names) -> DatasetSpec:
     return DatasetSpec(
         key=key, display_name=display, domain="medical", class_names=(key,),
         descriptions=MappingProxyType({key: "scan"}), has_masks=True,
-        scanner=partial(sc.scan_bmad, dataset=key, class_name=key), detect=sc.looks_like_bmad,
+        scanner=partial(layouts.scan_bmad, dataset=key, class_name=key), detect=layouts.looks_like_bmad,
         layout="test/{good,Ungood}/img/*.png + test/Ungood/label/*.png",
         aliases=aliases, root_names=root_names)
 
@@ -203,8 +211,8 @@ def _pairs_spec(key, display, class_name, description, aliases, root_names, subd
     return DatasetSpec(
         key=key, display_name=display, domain="medical", class_names=(class_name,),
         descriptions=MappingProxyType({class_name: description}), has_masks=True,
-        scanner=partial(sc.scan_image_mask_pairs, dataset=key, class_name=class_name, subdir=subdir),
-        detect=partial(sc.looks_like_image_mask_pairs, subdir=subdir),
+        scanner=partial(layouts.scan_image_mask_pairs, dataset=key, class_name=class_name, subdir=subdir),
+        detect=partial(layouts.looks_like_image_mask_pairs, subdir=subdir),
         layout=f"{base}images/<name> + {base}masks/<name>", aliases=aliases, root_names=root_names)
 
 
@@ -218,8 +226,8 @@ _SPECS: Tuple[DatasetSpec, ...] = (
     DatasetSpec(
         key="VisA", display_name="VisA", domain="industrial", class_names=tuple(_VISA),
         descriptions=MappingProxyType(dict(_VISA)), has_masks=True,
-        scanner=partial(sc.scan_visa, classes=tuple(_VISA)),
-        detect=partial(sc.looks_like_visa, classes=tuple(_VISA)),
+        scanner=partial(layouts.scan_visa, classes=tuple(_VISA)),
+        detect=partial(layouts.looks_like_visa, classes=tuple(_VISA)),
         layout="<class>/Data/Images/{Normal,Anomaly}/*.JPG + <class>/Data/Masks/Anomaly/*.png "
                "(+ split_csv/1cls.csv)",
         aliases=("visa",), root_names=("VisA_20220922", "VisA_pytorch", "visa_pytorch", "1cls")),
@@ -238,8 +246,8 @@ _SPECS: Tuple[DatasetSpec, ...] = (
     DatasetSpec(
         key="headct", display_name="HeadCT", domain="medical", class_names=("headct",),
         descriptions=MappingProxyType({"headct": "scan"}), has_masks=False,
-        scanner=partial(sc.scan_test_folders, dataset="headct", class_name="headct"),
-        detect=sc.looks_like_test_folders, layout="test/{good,defect}/*.png (no masks)",
+        scanner=partial(layouts.scan_test_folders, dataset="headct", class_name="headct"),
+        detect=layouts.looks_like_test_folders, layout="test/{good,defect}/*.png (no masks)",
         aliases=("headct", "head_ct", "head-ct", "head ct"), root_names=("HeadCT_anomaly_detection",)),
     _bmad_spec("Liver", "LiverCT", ("liver", "liverct", "livect", "liver_ct"), ("Liver_AD",)),
     _bmad_spec("Retina", "RetinaOCT", ("retina", "retinaoct", "retina_oct", "resc", "retina_resc"),
@@ -268,8 +276,8 @@ _SPECS: Tuple[DatasetSpec, ...] = (
     DatasetSpec(
         key="DAGM", display_name="DAGM 2007", domain="industrial", class_names=_DAGM_CLASSES,
         descriptions=MappingProxyType({}), has_masks=True,
-        scanner=partial(sc.scan_dagm, classes=_DAGM_CLASSES),
-        detect=partial(sc.looks_like_dagm, classes=_DAGM_CLASSES),
+        scanner=partial(layouts.scan_dagm, classes=_DAGM_CLASSES),
+        detect=partial(layouts.looks_like_dagm, classes=_DAGM_CLASSES),
         layout="ClassN/Test/NNNN.PNG + ClassN/Test/Label/NNNN_label.PNG", benchmark=False,
         aliases=("dagm", "dagm2007"), root_names=("DAGM_anomaly_detection",)),
 )

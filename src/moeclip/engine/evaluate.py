@@ -1,4 +1,5 @@
-"""Zero-shot evaluation with the official rule, class by class."""
+"""Zero-shot evaluation loop: the model over a dataset, class by class, scored by the official rule
+(:mod:`moeclip.metrics.protocol`)."""
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,8 @@ from tqdm.auto import tqdm
 from ..data.dataset import ZSADDataset, collate
 from ..data.sample import Sample
 from ..metrics import ClassAccumulator, average_results
-from ..precision import autocast
 from ..model.scoring import Domain
+from ..precision import autocast
 from . import distributed as dist_utils
 
 log = logging.getLogger(__name__)

@@ -45,10 +45,6 @@ class _LossModule(nn.Module):
         return self.model.compute_losses(images, masks, labels, text)
 
 
-def _rng_state() -> Dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
 def _seed_epoch(seed: int, epoch: int) -> None:
     """Every epoch starts from a seed of its own, so a resumed run draws the same batches,
     augmentations and dropout masks as an uninterrupted one."""

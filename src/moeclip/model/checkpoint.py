@@ -18,9 +18,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .. import __version__
-from .config import AdapterConfig, ModelConfig
 from ..errors import MoECLIPError
 from ..fileio import atomic_write, atomic_write_text
+from .config import AdapterConfig, ModelConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -110,17 +110,6 @@ def read_official(path: str | Path) -> Dict[str, Any]:
             "adapt_text": "text_adapter" in ckpt}
 
 
-def infer_adapter_config(state: Dict[str, torch.Tensor], base: Optional[AdapterConfig] = None) -> Dict[str, Any]:
-    """Hyper-parameters that the weights' shapes reveal (experts, rank), to check flags against."""
-    found: Dict[str, Any] = {}
-    A = state.get("moe.0.experts.lora_A")
-    if A is not None:
-        found["num_experts"], found["rank"] = int(A.shape[0]), int(A.shape[1])
-    found["num_moe_layers"] = len({k.split(".")[1] for k in state if k.startswith("moe.")})
-    found["num_seg_proj"] = len({k.split(".")[1] for k in state if k.startswith("seg_proj.")})
-    return found
-
-
 # ---------------------------------------------------------------------------- our format
 def save_checkpoint(model, directory: str | Path, meta: Optional[Dict[str, Any]] = None,
                     overwrite: bool = False, include_backbone: bool = False) -> Path:
@@ -152,11 +141,6 @@ def save_checkpoint(model, directory: str | Path, meta: Optional[Dict[str, Any]]
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
     atomic_write_text(directory / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
     return directory
-
-
-def is_checkpoint_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
 
 
 def read_checkpoint(path: str | Path) -> Tuple[ModelConfig, Dict[str, torch.Tensor], Dict[str, Any]]:

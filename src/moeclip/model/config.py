@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import MoECLIPError
@@ -93,10 +91,6 @@ class AdapterConfig:
             bad("at least one feature level is needed")
 
     @property
-    def lora_scaling(self) -> float:
-        return self.alpha / self.rank
-
-    @property
     def num_maps(self) -> int:
         return len(self.levels) * len(self.paa_radii)
 
@@ -118,9 +112,6 @@ class ModelConfig:
             )
         except TypeError as exc:
             raise MoECLIPError(f"{source}: {exc}") from None
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def _build(kind, values: Dict[str, Any], source: str):

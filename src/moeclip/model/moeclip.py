@@ -38,11 +38,11 @@ class VisionOutput:
 class MoECLIP(nn.Module):
     """The whole model. Only the adapters train; ``clip`` stays frozen and in eval mode."""
 
-    def __init__(self, clip: nn.Module, adapter: AdapterConfig = AdapterConfig(), tokenizer=None,
+    def __init__(self, clip: nn.Module, adapter: Optional[AdapterConfig] = None, tokenizer=None,
                  backbone: Optional[BackboneConfig] = None, generator: Optional[torch.Generator] = None):
         super().__init__()
         dims = vision_dims(clip)
-        cfg = adapter.resolved(dims["depth"])
+        cfg = (adapter if adapter is not None else AdapterConfig()).resolved(dims["depth"])
         self.config = ModelConfig(backbone=backbone or BackboneConfig(pretrained=None), adapter=cfg)
         self.grad_checkpoint = False
         self.frozen_dtype: Optional[torch.dtype] = None  # set by cast_frozen_weights
