@@ -46,6 +46,7 @@ def run(args) -> int:
     from ..data.imageio import load_image
     from ..data.transforms import preprocess_image
     from ..model.prompts import GENERIC_OBJECT
+    from ..precision import autocast
     from .common import detector_from_args
 
     out = Path(args.out)
