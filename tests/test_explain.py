@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from moeclip import explain as X
+from moeclip.analysis import explain as X
 from moeclip.cli import main
 from moeclip.model.scoring import anomaly_map, patch_anomaly
 
