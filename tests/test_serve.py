@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import shutil
 import socket
@@ -295,14 +296,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_page_in_browser(detector, deployment, tmp_path):
-    """Upload an image on the page, read the score, take a screenshot (needs chromium + playwright)."""
+@pytest.fixture()
+def browser_page():
+    """A headless chromium page (needs chromium + playwright)."""
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
-    uvicorn = pytest.importorskip("uvicorn")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+                                    args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
 
-    app = create_app(detector, deployment)
+
+@contextlib.contextmanager
+def running(app):
+    """``app`` served by uvicorn on a free port in a thread; yields the base URL."""
+    uvicorn = pytest.importorskip("uvicorn")
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -312,29 +324,43 @@ def test_page_in_browser(detector, deployment, tmp_path):
         while not server.started and time.time() < deadline:
             time.sleep(0.05)
         assert server.started, "uvicorn did not start"
-        image = tmp_path / "part.png"
-        image.write_bytes(png(60, 90, seed=3))
-        expected = TestClient(app).post("/predict", files={"image": ("part.png", image.read_bytes(), "image/png")},
-                                        data={"object": "metal nut"}).json()
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
-                                        args=CHROMIUM_ARGS, headless=True)
-            try:
-                page = browser.new_page()
-                page.goto(f"http://127.0.0.1:{port}/", timeout=20_000)
-                page.set_input_files("#image", str(image))
-                page.fill("#object", "metal nut")
-                page.click("#submit")
-                page.wait_for_selector("#result:not([hidden])", timeout=20_000)
-                score = page.text_content("#score")
-                assert float(score) == pytest.approx(expected["score"], abs=1e-4)
-                assert page.get_attribute("#overlay", "src").startswith("data:image/png;base64,")
-                assert page.text_content("#decision") in ("normal", "anomalous")
-                shot = tmp_path / "page.png"
-                page.screenshot(path=str(shot), full_page=True)
-                assert shot.stat().st_size > 0
-            finally:
-                browser.close()
+        yield f"http://127.0.0.1:{port}/"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("key", [None, "page-key"])
+def test_page_in_browser(detector, deployment, tmp_path, browser_page, key):
+    """Upload an image on the page (with the API key when the service needs one), read the score,
+    check the overlay of an EXIF-rotated photo is upright, take a screenshot."""
+    app = create_app(detector, deployment, api_key=key)
+    image = tmp_path / "part.jpg"
+    image.write_bytes(exif_jpeg(60, 90, seed=3))  # stored 90 wide, shown 60 wide
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    expected = TestClient(app).post("/predict", files={"image": ("part.jpg", image.read_bytes(), "image/jpeg")},
+                                    data={"object": "metal nut"}, headers=headers).json()
+    page = browser_page
+    with running(app) as url:
+        page.goto(url, timeout=20_000)
+        page.set_input_files("#image", str(image))
+        page.fill("#object", "metal nut")
+        if key:
+            page.wait_for_selector("#api-key", state="visible", timeout=20_000)
+            page.click("#submit")  # without the key: the refusal is shown
+            page.wait_for_selector("#error:not([hidden])", timeout=20_000)
+            assert "401" in page.text_content("#error")
+            page.fill("#api-key", key)
+        else:
+            assert not page.is_visible("#api-key")
+        page.click("#submit")
+        page.wait_for_selector("#result:not([hidden])", timeout=20_000)
+        assert float(page.text_content("#score")) == pytest.approx(expected["score"], abs=1e-4)
+        assert page.get_attribute("#overlay", "src").startswith("data:image/png;base64,")
+        size = page.evaluate("() => [document.getElementById('overlay').naturalWidth, "
+                             "document.getElementById('overlay').naturalHeight]")
+        assert size == [60, 90]  # upright, as the browser shows the photo
+        assert page.text_content("#decision") in ("normal", "anomalous")
+        shot = tmp_path / "page.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 0

@@ -28,8 +28,6 @@ import argparse
 from pathlib import Path
 
 from ..errors import MoECLIPError
-from ..inference.pipeline import ObjectRules, ResultWriter, RuntimeSpec, expand_inputs
-from ..inference.pipeline import run as run_pipeline
 from .common import add_domain_arg, add_model_args, model_options
 
 
@@ -68,8 +66,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def runtime_spec(args: argparse.Namespace) -> RuntimeSpec:
-    """The pipeline's :class:`RuntimeSpec` from the parsed flags."""
+def runtime_spec(args: argparse.Namespace):
+    """The pipeline's :class:`~moeclip.inference.pipeline.RuntimeSpec` from the parsed flags."""
+    from ..inference.pipeline import ObjectRules, RuntimeSpec  # lazily: `moeclip --help` stays fast
+
     plain, rules = ObjectRules.split(args.object)
     return RuntimeSpec(checkpoint=args.checkpoint, model_options=model_options(args), deploy=args.deploy,
                        onnx=args.onnx, device=args.device, precision=args.precision, threshold=args.threshold,
@@ -79,6 +79,8 @@ def runtime_spec(args: argparse.Namespace) -> RuntimeSpec:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.imageio import DEFAULT_MAX_PIXELS
+    from ..inference.pipeline import ObjectRules, ResultWriter, expand_inputs
+    from ..inference.pipeline import run as run_pipeline
 
     if args.batch_size < 1 or args.workers < 1:
         raise MoECLIPError("--batch-size and --workers must be at least 1")
