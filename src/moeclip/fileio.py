@@ -17,10 +17,14 @@ from .errors import MoECLIPError
 PathLike = Union[str, os.PathLike]
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+#: read once at import: setting the umask to read it is not thread-safe (serve, decode threads)
+_UMASK = _read_umask()
 
 
 @contextlib.contextmanager
@@ -36,7 +40,7 @@ def _temporary(path: PathLike, overwrite: bool) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; keep normal permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; keep normal permissions
         yield tmp
         os.replace(tmp, path)
     except BaseException:

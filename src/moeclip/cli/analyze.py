@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List
 
 from ..errors import MoECLIPError
+from ..fileio import atomic_write_text
 
 JSON_FILE = "experts.json"
 
@@ -140,7 +141,7 @@ def run_experts(args) -> int:
            "num_experts": cfg.num_experts, "top_k": cfg.top_k,
            "mean_off_diagonal_similarity": float(np.mean(offs)) if offs else None,
            "layers": layers, "load_figure": "load.png"}
-    (out / JSON_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(out / JSON_FILE, json.dumps(doc, indent=2) + "\n")
     print(f"{used} images; per MoE layer: mean off-diagonal similarity, top-1 load per expert")
     for i, s in enumerate(stats):
         off = "n/a" if s.mean_off_diagonal is None else f"{s.mean_off_diagonal:+.3f}"

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from ..errors import MoECLIPError
+from ..fileio import atomic_write_text
 
 INDEX = "index.html"
 JSON_FILE = "explain.json"
@@ -77,8 +78,8 @@ def run(args) -> int:
 
     doc = {"image": str(args.image), "object": obj, "domain": args.domain, "checkpoint": str(args.checkpoint),
            "image_size": size, "top_k": cfg.top_k, **ex.to_dict(), "files": {**files, "arrays": "explain.npz"}}
-    (out / JSON_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-    (out / INDEX).write_text(render_index(doc))
+    atomic_write_text(out / JSON_FILE, json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(out / INDEX, render_index(doc))
     print(f"explanation written to {out / INDEX}")
     return 0
 
