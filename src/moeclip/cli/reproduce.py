@@ -1,7 +1,8 @@
 """``moeclip reproduce``: the paper's zero-shot protocol over several seeds, resumable, with a report."""
 from __future__ import annotations
 
-from .common import ADAPTER_OPTIONS, BACKBONE_OPTIONS, add_model_args, int_list, model_options
+from ..model.options import adapter_overrides, backbone_overrides
+from .common import add_model_args, int_list, model_options
 
 
 def register(sub) -> None:
@@ -75,10 +76,10 @@ def config_from_args(args):
     from ..model.config import AdapterConfig, BackboneConfig, ModelConfig
 
     options = model_options(args)
-    backbone = {BACKBONE_OPTIONS[k]: v for k, v in options.items() if k in BACKBONE_OPTIONS}
-    if str(backbone.get("pretrained", "")).lower() in ("none", "random"):
+    backbone = backbone_overrides(options)
+    if str(backbone.get("pretrained", "")).lower() == "random":
         backbone["pretrained"] = None
-    adapter = {ADAPTER_OPTIONS[k]: v for k, v in options.items() if k in ADAPTER_OPTIONS}
+    adapter = adapter_overrides(options)
     model = ModelConfig(dataclasses.replace(BackboneConfig(), **backbone),
                         dataclasses.replace(AdapterConfig(), **adapter, released_training=args.released))
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
