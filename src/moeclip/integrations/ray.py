@@ -52,7 +52,7 @@ from ..inference.pipeline import (
 )
 
 __all__ = ["add_ray_args", "connect", "list_inputs", "score_dataset", "predict", "predict_from_args",
-           "RESULT_FIELDS", "PARQUET_FILE"]
+           "RESULT_FIELDS", "PARQUET_FILE", "RuntimeSpec"]
 
 PARQUET_FILE = "results.parquet"
 #: The columns of :func:`score_dataset` (``anomaly_map`` is added with ``maps=True``).
@@ -226,7 +226,7 @@ def _decode_remote(uri: str, max_pixels: Optional[int]):
 
 def _decode_batch(batch: Dict[str, np.ndarray], max_pixels: Optional[int]) -> Dict[str, Any]:
     images, errors = [], []
-    for path, remote in zip(batch["path"], batch["remote"]):
+    for path, remote in zip(batch["file"], batch["remote"]):
         try:
             img = _decode_remote(str(path), max_pixels) if remote else decode(str(path), max_pixels)
             images.append(np.asarray(img, dtype=np.uint8))
@@ -318,8 +318,16 @@ class _Scorer:
 
 # ---------------------------------------------------------------------------- the dataset
 def _rows(jobs: Sequence[Job]) -> List[Dict[str, Any]]:
-    return [{"key": j.key, "path": j.label, "remote": j.path is None, "object": j.object, "source": j.source}
-            for j in jobs]
+    """``path`` as the results say it; ``file`` what a worker opens (absolute: workers have their own cwd)."""
+    return [{"key": j.key, "path": j.label, "file": j.key if j.path is None else os.path.abspath(j.path),
+             "remote": j.path is None, "object": j.object, "source": j.source} for j in jobs]
+
+
+def _absolute(spec: RuntimeSpec) -> RuntimeSpec:
+    """The spec with its local files as absolute paths (actors do not run in the driver's folder)."""
+    changes = {f: os.path.abspath(getattr(spec, f)) for f in ("checkpoint", "deploy", "onnx")
+               if getattr(spec, f) and not is_uri(getattr(spec, f)) and os.path.exists(getattr(spec, f))}
+    return _replace(spec, **changes) if changes else spec
 
 
 def _jobs_dataset(inputs, rules: Optional[ObjectRules]):
@@ -335,6 +343,7 @@ def _jobs_dataset(inputs, rules: Optional[ObjectRules]):
             sources = ["column" if "object" in batch else source] * len(paths)
             keys = [p if is_uri(p) else os.path.abspath(p) for p in paths]
             return {"key": np.asarray(keys, dtype=object), "path": np.asarray(paths, dtype=object),
+                    "file": np.asarray([p if is_uri(p) else os.path.abspath(p) for p in paths], dtype=object),
                     "remote": np.asarray([is_uri(p) for p in paths]), "object": np.asarray(objects, dtype=object),
                     "source": np.asarray(sources, dtype=object)}
 
@@ -350,6 +359,7 @@ def _scored_dataset(ds, spec: RuntimeSpec, batch_size: int, actors: int, gpus: f
     ray = _ray()
     if batch_size < 1:
         raise MoECLIPError("--batch-size must be at least 1")
+    spec = _absolute(spec)
     if gpus == 0 and spec.device == "auto":
         spec = _replace(spec, device="cpu")  # never a GPU Ray did not give the actor
     ds = ds.map_batches(_decode_batch, batch_size=batch_size, fn_kwargs={"max_pixels": max_pixels},
@@ -415,9 +425,9 @@ class _Writer(ResultWriter):
                                          and os.path.abspath(job.key) in self.done)
 
     def _put(self, folder: str, name: str, data: bytes) -> str:
-        from ..fileio import atomic_write
+        from ..fileio import atomic_write_bytes
 
-        atomic_write(self.out / folder / name, lambda tmp: Path(tmp).write_bytes(data))
+        atomic_write_bytes(self.out / folder / name, data)
         return f"{folder}/{name}"
 
     def write_rendered(self, job: Job, record: Dict[str, Any], files: Dict[str, bytes]) -> Dict[str, Any]:
@@ -445,7 +455,10 @@ def _write_parquet(out: Path) -> Path:
 
     lines = (out / RESULTS_FILE).read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
-    table = pa.Table.from_pylist(records)
+    columns: Dict[str, None] = {}
+    for rec in records:  # every field of any line (an error line has few), in first-seen order
+        columns.update(dict.fromkeys(rec))
+    table = pa.table({c: [rec.get(c) for rec in records] for c in columns})
     target = out / PARQUET_FILE
     atomic_write(target, lambda tmp: pq.write_table(table, tmp))
     return target
