@@ -106,7 +106,11 @@ def connect(address: Optional[str] = "local", **init_kwargs) -> bool:
     if ray.is_initialized():
         return False
     kwargs = {"include_dashboard": False, "logging_level": "WARNING", **init_kwargs}
-    ray.init(address=address or "local", **kwargs)
+    try:
+        ray.init(address=address or "local", **kwargs)
+    except ConnectionError as exc:
+        hint = " (start one with 'ray start --head', or use --ray local)" if address == "auto" else ""
+        raise MoECLIPError(f"--ray {address}: no Ray cluster to join{hint}: {exc}") from exc
     return True
 
 
@@ -409,6 +413,10 @@ def score_dataset(inputs, spec: RuntimeSpec, *, object: Optional[str] = None,
     _ray()
     if rules is None and object is not None:
         rules = ObjectRules(object)
+    elif rules is None and spec.deploy:  # as predict: the deployment's object by default
+        from ..inference.deploy import Deployment
+
+        rules = ObjectRules(Deployment.load(spec.deploy).object, default_source="deploy")
     n, gpus = _plan_actors(actors, gpus_per_actor)
     ds = _scored_dataset(_jobs_dataset(inputs, rules), spec, batch_size, n, gpus,
                          DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, keep_maps=maps)
@@ -469,6 +477,7 @@ def _drain(ds, pending: Dict[str, Job], writer: _Writer, summary: Summary, progr
 
     bar = tqdm(total=len(pending), unit="img", desc="predict (ray)", file=sys.stderr, dynamic_ncols=True,
                disable=not progress or not sys.stderr.isatty())
+    ds.context.enable_progress_bars = False  # ours counts written lines
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i, key in enumerate(batch["key"]):
