@@ -127,7 +127,13 @@ def test_resume_after_the_driver_stopped(ray_run, ckpt, images, reference, tmp_p
                 (out / rec[f]).unlink()
     (out / "results.parquet").unlink()
     assert main(args(ckpt, images, out, "--ray", "local")) == 2  # refuses to clobber
-    assert main(args(ckpt, images, out, "--ray", "local", "--ray-actors", "1", "--resume")) == 0
+    # through the Python API, with the files rendered in CPU tasks after the actor (the GPU layout)
+    from moeclip.integrations.ray import RuntimeSpec, predict
+
+    summary, threshold, _ = predict([str(images)], RuntimeSpec(checkpoint=str(ckpt), device="cpu"), out,
+                                    objects=["screw=metal screw"], batch_size=3, actors=1, resume=True,
+                                    render_in_tasks=True)
+    assert (summary.skipped, summary.scored + summary.errors, threshold) == (4, len(full) - 4, None)
     assert_same_results(out, reference)
     assert (out / "results.jsonl").read_text().splitlines(keepends=True)[:4] == full[:4]  # kept, not redone
     assert (out / "results.parquet").is_file()

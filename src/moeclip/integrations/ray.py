@@ -5,8 +5,10 @@ The stages are those of :mod:`moeclip.inference.pipeline`, spread over a cluster
     driver      list the inputs (local files/folders/globs: expand_inputs; s3://, gs://, file://, ...:
                 pyarrow.fs), assign objects (ObjectRules), drop what results.jsonl already holds (--resume)
     Ray tasks   decode (pipeline.decode; remote files read through pyarrow.fs)         map_batches, CPU
-    Ray actors  one model each, built from the picklable RuntimeSpec; score_images, result_record, and
-                the files of a result rendered (post.unit_map, render.overlay, post.mask)  actor pool
+    Ray actors  one model each, built from the picklable RuntimeSpec: score_images, result_record
+    files       the bytes of the map, overlay and mask (post.unit_map, render.overlay, post.mask): in CPU
+                tasks after GPU actors, so a GPU never waits for PNG encoding; inside CPU actors (which
+                would otherwise hold every CPU those tasks need; decoding is fused there too by Ray)
     driver      results in input order, each image once: ResultWriter names the files (the names of
                 ``predict``), writes them and the line; then results.parquet from results.jsonl
 
@@ -242,19 +244,19 @@ def _decode_batch(batch: Dict[str, np.ndarray], max_pixels: Optional[int]) -> Di
 
 
 # ---------------------------------------------------------------------------- scoring (Ray actors)
-def _npy_bytes(amap) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(amap, dtype=np.float32))
-    return buf.getvalue()
-
-
 class _Scorer:
-    """One model per actor. ``render``: also the bytes of the map, overlay and mask files (for ``predict``)."""
+    """One model per actor: decoded images -> records (JSON) and, for rendering, maps and images.
 
-    def __init__(self, spec: RuntimeSpec, render: bool = False, maps: bool = True, overlays: bool = True,
-                 keep_maps: bool = False, crash: Optional[str] = None):
+    ``outputs``: ``"record"`` only, ``"map"`` (+ ``anomaly_map`` at the image's size), ``"render"``
+    (+ ``anomaly_map`` and ``image``, for :func:`_render_batch` in CPU tasks, so that a GPU actor spends
+    its time on the model, not on PNG encoding) or ``"files"`` (:func:`_render_batch` here: CPU actors,
+    which would otherwise hold the CPUs those tasks need).
+    """
+
+    def __init__(self, spec: RuntimeSpec, outputs: str = "record", crash: Optional[str] = None,
+                 maps: bool = True, overlays: bool = True):
         self.built = spec.build()
-        self.render, self.maps, self.overlays, self.keep_maps = render, maps, overlays, keep_maps
+        self.outputs, self.maps, self.overlays = outputs, maps, overlays
         self.crash, self.calls = crash, 0
 
     def _maybe_crash(self) -> None:
@@ -267,18 +269,6 @@ class _Scorer:
             Path(marker).touch()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _files(self, scored, image) -> Dict[str, bytes]:
-        from ..inference.render import mask_image, overlay, png_bytes
-
-        post = self.built.post
-        files = {"npy": _npy_bytes(scored.anomaly_map) if self.maps else b"", "overlay": b"", "mask": b""}
-        if self.overlays:
-            files["overlay"] = png_bytes(overlay(image, post.unit_map(scored.anomaly_map)))
-        mask = post.mask(scored.anomaly_map)
-        if mask is not None:
-            files["mask"] = png_bytes(mask_image(mask))
-        return files
-
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
         from PIL import Image
 
@@ -288,36 +278,59 @@ class _Scorer:
                 for k, p, remote, o, s in zip(batch["key"], batch["path"], batch["remote"], batch["object"],
                                                batch["source"])]
         index = {id(j): i for i, j in enumerate(jobs)}
-        out: List[Dict[str, Any]] = [{} for _ in jobs]
+        out: List[Dict[str, Any]] = [{"error": str(e)} if str(e) else {} for e in batch["error"]]
         for group in batches(jobs, len(jobs)):  # consecutive rows of one object: one text encoding
-            ok = [j for j in group if not batch["error"][index[id(j)]]]
+            ok = [j for j in group if not out[index[id(j)]]]
             images = [Image.fromarray(np.asarray(batch["image"][index[id(j)]]), mode="RGB") for j in ok]
             for job, image, scored in zip(ok, images, score_images(self.built.runtime, post, images, group[0].object)):
                 i = index[id(job)]
                 if not (np.isfinite(scored.raw_score) and np.isfinite(scored.map_max)):
                     out[i] = {"error": NON_FINITE}
                     continue
-                out[i] = {"record": result_record(job, scored, image, post), "scored": scored, "image": image}
-        return self._columns(jobs, batch, out)
+                out[i] = {"record": result_record(job, scored, image, post),
+                          "map": np.asarray(scored.anomaly_map, np.float32), "image": batch["image"][i]}
+        cols = self._columns(jobs, out)
+        return _render_batch(cols, self.built.post, self.maps, self.overlays) if self.outputs == "files" else cols
 
-    def _columns(self, jobs, batch, out) -> Dict[str, Any]:
-        cols: Dict[str, list] = {"key": [], "record": []}
-        extra = (["npy", "overlay", "mask"] if self.render else []) + (["anomaly_map"] if self.keep_maps else [])
-        cols.update({c: [] for c in extra})
-        for job, result, err in zip(jobs, out, batch["error"]):
-            error = str(err) or result.get("error")
-            rec = {"path": job.label, "object": job.object, "object_source": job.source, "error": error} \
-                if error else result["record"]
-            cols["key"].append(job.key)
-            cols["record"].append(json.dumps(rec, ensure_ascii=False))
-            files = self._files(result["scored"], result["image"]) if self.render and not error else {}
-            for c in ("npy", "overlay", "mask"):
-                if self.render:
-                    cols[c].append(files.get(c, b""))
-            if self.keep_maps:
-                cols["anomaly_map"].append(np.asarray(result["scored"].anomaly_map, np.float32) if not error
-                                           else np.zeros((0, 0), np.float32))
-        return {k: (np.asarray(v, dtype=object) if k != "anomaly_map" else v) for k, v in cols.items()}
+    def _columns(self, jobs: List[Job], out: List[Dict[str, Any]]) -> Dict[str, Any]:
+        cols: Dict[str, Any] = {"key": np.asarray([j.key for j in jobs], dtype=object)}
+        records = [{"path": j.label, "object": j.object, "object_source": j.source, "error": r["error"]}
+                   if "error" in r else r["record"] for j, r in zip(jobs, out)]
+        cols["record"] = np.asarray([json.dumps(r, ensure_ascii=False) for r in records], dtype=object)
+        if self.outputs != "record":
+            cols["anomaly_map"] = [r.get("map", np.zeros((0, 0), np.float32)) for r in out]
+        if self.outputs in ("render", "files"):
+            cols["image"] = [r.get("image", np.zeros((0, 0, 3), np.uint8)) for r in out]
+        return cols
+
+
+# ---------------------------------------------------------------------------- files (Ray tasks)
+def _npy_bytes(amap) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(amap, dtype=np.float32))
+    return buf.getvalue()
+
+
+def _render_batch(batch: Dict[str, Any], post, maps: bool, overlays: bool) -> Dict[str, Any]:
+    """The bytes of each result's files, as ResultWriter.write renders them (map, overlay, mask)."""
+    from PIL import Image
+
+    from ..inference.render import mask_image, overlay, png_bytes
+
+    cols: Dict[str, list] = {"npy": [], "overlay": [], "mask": []}
+    for amap, image in zip(batch["anomaly_map"], batch["image"]):
+        files = {"npy": b"", "overlay": b"", "mask": b""}
+        if amap.size:
+            files["npy"] = _npy_bytes(amap) if maps else b""
+            if overlays:
+                files["overlay"] = png_bytes(overlay(Image.fromarray(np.asarray(image), mode="RGB"),
+                                                     post.unit_map(amap)))
+            mask = post.mask(amap)
+            files["mask"] = png_bytes(mask_image(mask)) if mask is not None else b""
+        for c in cols:
+            cols[c].append(files[c])
+    return {"key": batch["key"], "record": batch["record"],
+            **{c: np.asarray(v, dtype=object) for c, v in cols.items()}}
 
 
 # ---------------------------------------------------------------------------- the dataset
@@ -419,7 +432,8 @@ def score_dataset(inputs, spec: RuntimeSpec, *, object: Optional[str] = None,
         rules = ObjectRules(Deployment.load(spec.deploy).object, default_source="deploy")
     n, gpus = _plan_actors(actors, gpus_per_actor)
     ds = _scored_dataset(_jobs_dataset(inputs, rules), spec, batch_size, n, gpus,
-                         DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, keep_maps=maps)
+                         DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+                         outputs="map" if maps else "record")
     return ds.map_batches(_flatten, batch_format="numpy", batch_size=None)
 
 
@@ -505,10 +519,12 @@ def predict(inputs: Sequence[str], spec: RuntimeSpec, out: Union[str, Path], *, 
             class_map: Optional[str] = None, address: Optional[str] = "local", actors: Optional[int] = None,
             gpus_per_actor: Optional[float] = None, batch_size: int = 8, max_pixels: Optional[int] = None,
             maps: bool = True, overlays: bool = True, overwrite: bool = False, resume: bool = False,
-            progress: bool = True) -> Tuple[Summary, Optional[float], Path]:
+            progress: bool = True, render_in_tasks: Optional[bool] = None) -> Tuple[Summary, Optional[float], Path]:
     """``moeclip predict --ray``: the outputs of ``predict`` plus results.parquet.
 
-    Returns (summary, the decision threshold or None, the results.jsonl path).
+    ``render_in_tasks``: map/overlay/mask files rendered in CPU tasks after the actors (default:
+    with GPU actors) rather than in the actors. Returns (summary, the decision threshold or None,
+    the results.jsonl path).
     """
     from ..data.imageio import DEFAULT_MAX_PIXELS
 
@@ -540,9 +556,15 @@ def predict(inputs: Sequence[str], spec: RuntimeSpec, out: Union[str, Path], *, 
             joined = connect(address)
             try:
                 n, gpus = _plan_actors(actors, gpus_per_actor)
+                tasks = bool(gpus) if render_in_tasks is None else render_in_tasks
                 ds = _scored_dataset(_ray().data.from_items(_rows(todo)), spec, batch_size, n, gpus,
-                                     DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, render=True,
-                                     maps=maps, overlays=overlays, crash=os.environ.get(CRASH_ENV))
+                                     DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+                                     outputs="render" if tasks else "files", maps=maps, overlays=overlays,
+                                     crash=os.environ.get(CRASH_ENV))
+                if tasks:  # GPU actors: the files rendered in CPU tasks, beside the GPUs
+                    ds = ds.map_batches(_render_batch, batch_format="numpy",
+                                        fn_kwargs={"post": post, "maps": maps, "overlays": overlays})
+                    ds.context.execution_options.preserve_order = True
                 _drain(ds, {j.key: j for j in todo}, writer, summary, progress)
             finally:
                 if joined:
