@@ -130,6 +130,9 @@ def main() -> None:
     model = build_moeclip(args.clip_model, args.image_size, torch.device("cpu"))
     ckpt = save_checkpoint(model, work / "ckpt", include_backbone=True)
     del model
+    # Ray runs its workers at nice 15 by default: on a machine shared with other jobs (this one) that
+    # starves the actors and would time the neighbours, not Ray; 0 = the same priority as `predict`
+    os.environ.setdefault("RAY_worker_niceness", "0")
     t = time.perf_counter()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
