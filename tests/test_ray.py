@@ -167,3 +167,21 @@ def test_clear_errors_without_ray_or_with_a_bad_address(ckpt, images, tmp_path, 
     with pytest.raises(SystemExit):
         main(["predict", "--checkpoint", str(ckpt), "--ray", str(images), "--out", str(tmp_path / "o")])
     assert "not a Ray address" in capsys.readouterr().err
+
+
+def test_uri_inputs_are_listed_like_local_ones(images):
+    """Folders, globs and files named by URI (pyarrow.fs): the files predict would take, the same objects."""
+    from moeclip.inference.pipeline import ObjectRules, expand_inputs
+    from moeclip.integrations.ray import list_inputs
+
+    rules = ObjectRules.from_args(["screw=metal screw"], None)
+    local = expand_inputs([str(images)])
+    rules.assign(local)
+    remote = list_inputs([images.as_uri()], rules)
+    assert [j.key for j in remote] == [Path(j.path).resolve().as_uri() for j in local]
+    assert [(j.object, j.source) for j in remote] == [(j.object, j.source) for j in local]
+    assert [j.label for j in list_inputs([images.as_uri() + "/nut/*.png"])] == \
+        [(images / "nut" / f).as_uri() for f in ("broken.png", "n0.png", "n1.png", "n2.png", "n3.png", "n4.png",
+                                                  "s0.png")]
+    assert len(list_inputs([images.as_uri() + "/**/*.png"])) == len(local)
+    assert [j.key for j in list_inputs([images.as_uri() + "/nut/none.png"])] == [images.as_uri() + "/nut/none.png"]

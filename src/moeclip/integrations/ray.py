@@ -22,7 +22,6 @@ what is missing. Ray itself is imported lazily: ``moeclip`` works without it.
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
 import io
 import json
@@ -138,13 +137,6 @@ def is_uri(spec: str) -> bool:
     return bool(_URI.match(str(spec)))
 
 
-@functools.lru_cache(maxsize=16)
-def _filesystem(authority: str):
-    from pyarrow import fs as pafs
-
-    return pafs.FileSystem.from_uri(authority + "/")[0]
-
-
 def _split_uri(uri: str) -> Tuple[Any, str, str]:
     """(pyarrow filesystem, path in it, the URI prefix that turns such a path back into a URI)."""
     from pyarrow import fs as pafs
@@ -159,7 +151,8 @@ def _list_remote(spec: str) -> List[Tuple[str, str, str]]:
     from pyarrow import fs as pafs
 
     magic = glob.has_magic(spec.split("://", 1)[1])
-    base = spec[: spec.rfind("/", 0, min(i for i, c in enumerate(spec) if c in "*?[")) ] if magic else spec
+    first_magic = min((i for i, c in enumerate(spec) if c in "*?["), default=len(spec))
+    base = spec[:spec.rfind("/", 0, first_magic)] if magic else spec
     try:
         fs, path, prefix = _split_uri(base)
         info = fs.get_file_info(path)
@@ -179,7 +172,9 @@ def _list_remote(spec: str) -> List[Tuple[str, str, str]]:
         if any(p.startswith(".") for p in rel) or PurePosixPath(f.path).suffix.lower() not in IMAGE_EXTENSIONS:
             continue
         uri = prefix + f.path
-        if not magic or fnmatch(uri, spec):
+        # as glob: '*' stays within a folder, '**' crosses folders
+        if not magic or (("**" in spec and (fnmatch(uri, spec) or fnmatch(uri, spec.replace("**/", ""))))
+                         or (fnmatch(uri, spec) and uri.count("/") == spec.count("/"))):
             out.append((uri, path, f.path))
     if magic and not out:
         print(f"warning: {spec!r} matches no image file", file=sys.stderr)
