@@ -119,6 +119,9 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     p.add_argument("--no-overlays", action="store_true", help="maps only (no overlay PNGs), in every variant")
     p.add_argument("--stages", action="store_true", help="also time decode and file rendering per image")
+    p.add_argument("--device", default="cpu", help="predict's --device (cuda on a GPU node)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--gpus-per-actor", type=float, default=0, help="--ray-gpus-per-actor (GPU nodes)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -139,12 +142,14 @@ def main() -> None:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_start = time.perf_counter() - t
-    base = ["predict", "--checkpoint", str(ckpt), "--device", "cpu", "--object", "object",
+    base = ["predict", "--checkpoint", str(ckpt), "--device", args.device, "--precision", args.precision,
+            "--object", "object",
             "--batch-size", str(args.batch_size), str(work / "images")]
     base += ["--no-overlays"] if args.no_overlays else []
     variants = {"predict (1 process)": base}
     for a in (int(x) for x in args.actors.split(",")):
-        variants[f"predict --ray, {a} actor(s)"] = [*base, "--ray", "local", "--ray-actors", str(a)]
+        variants[f"predict --ray, {a} actor(s)"] = [*base, "--ray", "local", "--ray-actors", str(a),
+                                                    "--ray-gpus-per-actor", str(args.gpus_per_actor)]
     runs: Dict[str, List[Dict[str, float]]] = {k: [] for k in variants}
     for r in range(args.repeats):
         for name, argv in variants.items():
