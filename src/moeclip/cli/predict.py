@@ -28,6 +28,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import MoECLIPError
+from ..integrations.ray import add_ray_args
 from .common import add_domain_arg, add_model_args, model_options
 
 
@@ -63,6 +64,7 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in DIR: skip images already in results.jsonl")
     add_model_args(p, checkpoint_required=False)
+    add_ray_args(p)
     p.set_defaults(func=run)
 
 
@@ -86,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
         raise MoECLIPError("--batch-size and --workers must be at least 1")
     if args.overwrite and args.resume:
         raise MoECLIPError("--overwrite and --resume exclude each other")
+    if args.ray is not None:  # the same run on a Ray cluster: moeclip.integrations.ray
+        from ..integrations.ray import predict_from_args
+
+        return predict_from_args(args, runtime_spec(args))
     out = Path(args.out)
     jobs = expand_inputs(args.inputs, exclude=out)
     if not jobs:

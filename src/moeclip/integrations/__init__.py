@@ -1,0 +1,1 @@
+"""Bridges to other engines (Ray, ...). Each module imports its engine lazily: ``import moeclip`` never needs them."""
