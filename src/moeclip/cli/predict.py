@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import MoECLIPError
 from ..model.prompts import GENERIC_OBJECT
+from . import openvino
 from .common import add_model_args, model_options, progress
 
 RESULTS_FILE = "results.jsonl"
@@ -78,6 +79,7 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in DIR: skip images already in results.jsonl")
     add_model_args(p, checkpoint_required=False)
+    openvino.add_predict_args(p)
     p.set_defaults(func=run)
 
 
@@ -341,6 +343,8 @@ def _build_runner(args) -> Tuple[_Runner, Optional[str], Optional[str], str]:
     from ..inference.deploy import Deployment
 
     dep = Deployment.load(args.deploy) if args.deploy else None
+    if getattr(args, "openvino", None):
+        return openvino.build_predict_runner(args, dep)
     if args.onnx:
         from ..inference.onnx import OnnxDetector
 
@@ -401,8 +405,8 @@ def run(args: argparse.Namespace) -> int:
     if not jobs:
         raise MoECLIPError("no input images found")
     runner, fallback, domain, fallback_source = _build_runner(args)
-    if args.onnx:
-        rules = ObjectRules(fallback, default_source="onnx")
+    if args.onnx or getattr(args, "openvino", None):
+        rules = ObjectRules(fallback, default_source=fallback_source)
     else:
         rules = ObjectRules.from_args(args.object, args.class_map, fallback, fallback_source)
     for job in jobs:

@@ -1,0 +1,1 @@
+"""Bridges to other frameworks; each submodule imports its framework only when imported itself."""
