@@ -16,6 +16,7 @@ pytest.importorskip("openvino")
 pytest.importorskip("onnx")
 
 from conftest import make_tiny_checkpoint  # noqa: E402
+
 from moeclip.cli import main  # noqa: E402
 from moeclip.errors import MoECLIPError  # noqa: E402
 from moeclip.inference.deploy import Deployment  # noqa: E402

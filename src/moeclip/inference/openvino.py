@@ -28,7 +28,8 @@ from PIL import Image
 
 from ..errors import MoECLIPError
 from .deploy import Deployment
-from .postprocess import PostProcessor, Scored
+from .pipeline import Built, Prediction, score_images
+from .postprocess import PostProcessor
 
 RT_SECTION = "moeclip"
 MODEL_FILE = "model.xml"
@@ -130,18 +131,17 @@ def _rt_meta(model, path: Path) -> Dict[str, str]:
     return {str(k): str(info[k].astype(str) if hasattr(info[k], "astype") else info[k]) for k in info}
 
 
-class OpenVINODetector:
-    """Scores images with an exported IR: OpenVINO + numpy, no PyTorch.
+class OpenVINORuntime:
+    """The pipeline runtime of an exported IR: OpenVINO + numpy, no PyTorch.
 
-    ``deployment`` (or the one stored at export) supplies threshold and normalisation;
-    ``threshold``/``pixel_threshold`` override them. ``inference_precision`` is OpenVINO's
-    ``INFERENCE_PRECISION_HINT`` (``f32`` by default: the PyTorch fp32 maps; ``bf16``/``f16``
-    only where the CPU computes in them).
+    Object, domain, image size and number of maps come from the IR's rt_info; ``deployment``
+    (default: the one stored at export) supplies the post-processing. ``inference_precision``
+    is OpenVINO's ``INFERENCE_PRECISION_HINT`` (``f32`` by default: PyTorch's fp32 maps;
+    ``bf16``/``f16`` only where the CPU computes in them).
     """
 
-    def __init__(self, path: str | Path, deployment: Optional[Deployment] = None, threshold: Optional[float] = None,
-                 pixel_threshold: Optional[float] = None, device: str = "CPU", inference_precision: str = "f32",
-                 num_threads: Optional[int] = None):
+    def __init__(self, path: str | Path, deployment: Optional[Deployment] = None, device: str = "CPU",
+                 inference_precision: str = "f32", num_threads: Optional[int] = None):
         ov = _openvino()
         path = _resolve(Path(path))
         if inference_precision not in INFERENCE_PRECISIONS:
@@ -170,16 +170,18 @@ class OpenVINODetector:
         if deployment is not None and deployment.object != self.object:
             raise MoECLIPError(f"the deployment is for {deployment.object!r} but {path} was exported for "
                                f"{self.object!r}; export again with that deployment")
-        dep = deployment or stored
-        self.normalization = dep.normalization if dep else None
-        self.threshold = threshold if threshold is not None else (dep.threshold if dep else None)
-        self.pixel_threshold = pixel_threshold if pixel_threshold is not None else (
-            dep.pixel_threshold if dep else None)
-        self.post = PostProcessor(self.num_maps, self.domain, self.normalization, self.threshold, self.pixel_threshold)
+        self.deployment = deployment or stored
         # compiled outputs keep the model's order, not always its tensor names
         self.output_names = [next((n for n in sorted(o.get_names()) if not n.startswith("/")), o.get_any_name())
                              for o in model.outputs]
         self._request = self.compiled.create_infer_request()
+
+    def post_processor(self, threshold: Optional[float] = None,
+                       pixel_threshold: Optional[float] = None) -> PostProcessor:
+        """The deployment's scoring (threshold and pixel threshold overridable), else uncalibrated."""
+        if self.deployment is not None:
+            return self.deployment.post_processor(self.num_maps, threshold, pixel_threshold, self.domain)
+        return PostProcessor(self.num_maps, self.domain, None, threshold, pixel_threshold)
 
     def run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
         """Preprocessed (B, 3, S, S) float32 -> every output of the graph by name."""
@@ -188,25 +190,55 @@ class OpenVINODetector:
 
     def raw(self, images: Sequence[Image.Image], object: Optional[str] = None,
             domain: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """The pipeline's ``Runtime.raw``: PIL images -> raw maps (B, S, S) and raw scores (B,)."""
-        self._check(object, domain)
+        """RGB PIL images -> (raw maps (B, S, S), raw image scores (B,)) for the exported object."""
+        if object not in (None, self.object) or domain not in (None, self.domain):
+            raise MoECLIPError(f"{self.path} was exported for {self.object!r} ({self.domain}); "
+                               f"export again for {object!r} ({domain})")
         from .onnx import preprocess
 
         out = self.run(np.stack([preprocess(img, self.image_size) for img in images]))
         return out["anomaly_map"].astype(np.float32), out["image_score"].astype(np.float32)
 
-    def _check(self, object: Optional[str], domain: Optional[str]) -> None:
-        if object is not None and object != self.object:
-            raise MoECLIPError(f"{self.path} was exported for {self.object!r}, not {object!r}; export again")
-        if domain is not None and domain != self.domain:
-            raise MoECLIPError(f"{self.path} was exported for the {self.domain} domain, not {domain}")
 
-    def predict(self, images: Sequence[Image.Image], batch_size: int = 8) -> List[Scored]:
+class OpenVINODetector(OpenVINORuntime):
+    """An exported IR with its post-processing: ``predict`` as :class:`~moeclip.inference.detector.Detector`.
+
+    ``threshold``/``pixel_threshold`` override the deployment's.
+    """
+
+    def __init__(self, path: str | Path, deployment: Optional[Deployment] = None, threshold: Optional[float] = None,
+                 pixel_threshold: Optional[float] = None, **runtime_options: Any):
+        super().__init__(path, deployment, **runtime_options)
+        self.post = self.post_processor(threshold, pixel_threshold)
+
+    normalization = property(lambda self: self.post.normalization)
+    threshold = property(lambda self: self.post.threshold)
+    pixel_threshold = property(lambda self: self.post.pixel_threshold)
+
+    def predict(self, images: Sequence[Image.Image], batch_size: int = 8) -> List[Prediction]:
         """Score RGB PIL images; maps come back at each image's own size."""
-        results: List[Scored] = []
+        results: List[Prediction] = []
         images = list(images)
         for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            maps, scores = self.raw(chunk)
-            results.extend(self.post(m, float(s), (img.height, img.width)) for img, m, s in zip(chunk, maps, scores))
+            for scored in score_images(self, self.post, images[start:start + batch_size], self.object):
+                results.append(Prediction.from_scored(scored, self.object, self.domain))
         return results
+
+
+def build(spec, deployment: Optional[Deployment]) -> Built:
+    """``RuntimeSpec.build`` for ``spec.openvino`` (the checks of ``predict --onnx``, for an IR)."""
+    if spec.checkpoint or spec.onnx:
+        raise MoECLIPError("--openvino runs the exported model; drop --checkpoint/--onnx")
+    if spec.model_options:
+        raise MoECLIPError(f"--openvino: model flags {sorted(spec.model_options)} do not apply to an exported model")
+    if spec.precision != "fp32" or spec.device not in ("auto", "cpu"):
+        raise MoECLIPError("--openvino runs on OpenVINO's CPU device in the IR's precision; drop --device/--precision")
+    rt = OpenVINORuntime(spec.openvino, deployment=deployment)
+    if spec.object_rules:
+        raise MoECLIPError("--openvino: the object is fixed by the export; --class-map and KEY=DESC rules do not apply")
+    if spec.object and spec.object.strip() != rt.object:
+        raise MoECLIPError(f"--openvino: {spec.openvino} was exported for {rt.object!r}, not {spec.object!r}; "
+                           "export again for another object")
+    if spec.domain and spec.domain != rt.domain:
+        raise MoECLIPError(f"--openvino: {spec.openvino} was exported for the {rt.domain} domain")
+    return Built(rt, rt.post_processor(spec.threshold, spec.pixel_threshold), rt.object, "openvino")

@@ -28,7 +28,6 @@ take them from the datamodule's normal training images); it is not implemented y
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -58,35 +57,19 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MoEClip", "MoEClipTorchModel", "load_moeclip"]
 
-#: ``moeclip`` CLI option names -> config field names (the other options have the field's name)
-_OPTION_ALIASES = {"clip_model": "model", "clip_weights": "pretrained", "experts": "num_experts"}
-
-
 def load_moeclip(checkpoint: str | Path, **options: Any):
     """Our checkpoint directory, or an official ``.pth`` plus its hyper-parameters as keywords.
 
-    Keywords are the ``moeclip`` flags without dashes (``clip_model``, ``clip_weights``,
-    ``image_size``, ``experts``, ``top_k``, ``rank``, ``moe_layers``, ``fofs``, ...) or the
-    config field names (``num_experts``, ``pretrained``, ...).
+    Keywords are the ``moeclip`` model flags without dashes (``clip_model``, ``clip_weights``,
+    ``image_size``, ``experts``, ``top_k``, ``rank``, ``moe_layers``, ``fofs``, ...; see
+    :mod:`moeclip.model.options`).
     """
-    from ..model.checkpoint import load_model
-    from ..model.config import AdapterConfig, BackboneConfig
+    from ..model.options import MODEL_OPTIONS, build_model
 
-    backbone_fields = {f.name for f in dataclasses.fields(BackboneConfig)}
-    adapter_fields = {f.name for f in dataclasses.fields(AdapterConfig)}
-    backbone: Dict[str, Any] = {}
-    adapter: Dict[str, Any] = {}
-    for key, value in options.items():
-        name = _OPTION_ALIASES.get(key, key)
-        if name in backbone_fields:
-            if name == "pretrained" and isinstance(value, str) and value.lower() == "none":
-                value = None
-            backbone[name] = value
-        elif name in adapter_fields:
-            adapter[name] = value
-        else:
-            raise MoECLIPError(f"MoEClip: unknown model option {key!r}")
-    return load_model(checkpoint, backbone_overrides=backbone, adapter_overrides=adapter)
+    unknown = sorted(set(options) - set(MODEL_OPTIONS))
+    if unknown:
+        raise MoECLIPError(f"MoEClip: unknown model option(s) {unknown} (known: {', '.join(MODEL_OPTIONS)})")
+    return build_model(checkpoint, options)
 
 
 class MoEClipTorchModel(nn.Module):
