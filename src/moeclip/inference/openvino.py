@@ -49,11 +49,13 @@ def _openvino():
 # ---------------------------------------------------------------------------- export (torch + onnx)
 def export_openvino(detector, out_dir: str | Path, object: Optional[str] = None, domain: Optional[str] = None,
                     deployment: Optional[Deployment] = None, fp16: bool = False, checkpoint: Optional[str] = None,
-                    exporter: str = "auto", overwrite: bool = False) -> Path:
+                    exporter: str = "auto", overwrite: bool = False,
+                    onnx_path: Optional[str | Path] = None) -> Path:
     """Write ``out_dir/model.xml`` (+ ``.bin`` and ``moeclip.json``) for one object; returns the xml path.
 
-    The folder is assembled next to ``out_dir`` and moved into place at the end, so an
-    interrupted export leaves no half-written model.
+    ``onnx_path``: convert this model of ``export onnx`` instead of exporting again (``detector``
+    and the export options are then unused). The folder is assembled next to ``out_dir`` and
+    moved into place at the end, so an interrupted export leaves no half-written model.
     """
     from .onnx import CLIP_MEAN, CLIP_STD, export_onnx, read_metadata
 
@@ -64,11 +66,14 @@ def export_openvino(detector, out_dir: str | Path, object: Optional[str] = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        onnx_path = export_onnx(detector, work / "model.onnx", object=object, domain=domain, deployment=deployment,
-                                exporter=exporter, checkpoint=checkpoint)
+        temporary = onnx_path is None
+        if temporary:
+            onnx_path = export_onnx(detector, work / "model.onnx", object=object, domain=domain,
+                                    deployment=deployment, exporter=exporter, checkpoint=checkpoint)
         meta = read_metadata(onnx_path)
         model = ov.convert_model(str(onnx_path))
-        onnx_path.unlink()
+        if temporary:
+            Path(onnx_path).unlink()
         meta.update(format=FORMAT, precision="fp16" if fp16 else "fp32",
                     normalisation=json.dumps({"resize": "bicubic", "scale": "1/255",
                                               "mean": [round(float(v), 8) for v in CLIP_MEAN],
