@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 
 from ..errors import MoECLIPError
+from . import openvino
 from .common import add_domain_arg, add_model_args, model_options, refuse_existing
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export a model (ONNX)",
+    p = subparsers.add_parser("export", help="export a model (ONNX, OpenVINO)",
                               description="Export a model for deployment outside PyTorch.")
     sub = p.add_subparsers(dest="export_format", metavar="FORMAT")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -34,6 +35,7 @@ def register(subparsers) -> None:
     o.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_model_args(o, checkpoint_required=False)
     o.set_defaults(func=run_onnx)
+    openvino.register_export(sub)
 
 
 def run_onnx(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..errors import MoECLIPError
 from ..integrations.ray import add_ray_args
+from . import openvino
 from .common import add_domain_arg, add_model_args, model_options
 
 
@@ -65,6 +66,7 @@ def register(subparsers) -> None:
                    help="continue an interrupted run in DIR: skip images already in results.jsonl")
     add_model_args(p, checkpoint_required=False)
     add_ray_args(p)
+    openvino.add_predict_args(p)
     p.set_defaults(func=run)
 
 
@@ -76,7 +78,7 @@ def runtime_spec(args: argparse.Namespace):
     return RuntimeSpec(checkpoint=args.checkpoint, model_options=model_options(args), deploy=args.deploy,
                        onnx=args.onnx, device=args.device, precision=args.precision, threshold=args.threshold,
                        pixel_threshold=args.pixel_threshold, domain=args.domain, object=plain,
-                       object_rules=bool(rules or args.class_map))
+                       object_rules=bool(rules or args.class_map), openvino=getattr(args, "openvino", None))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if not jobs:
         raise MoECLIPError("no input images found")
     built = runtime_spec(args).build()
-    if args.onnx:
-        rules = ObjectRules(built.default_object, default_source="onnx")
+    if args.onnx or getattr(args, "openvino", None):
+        rules = ObjectRules(built.default_object, default_source=built.object_source)
     else:
         rules = ObjectRules.from_args(args.object, args.class_map, built.default_object, built.object_source)
     rules.assign(jobs)

@@ -316,11 +316,16 @@ class RuntimeSpec:
     domain: Optional[str] = None
     object: Optional[str] = None
     object_rules: bool = False
+    openvino: Optional[str] = None  # an exported OpenVINO IR (moeclip.inference.openvino)
 
     def build(self) -> Built:
         from .deploy import Deployment
 
         dep = Deployment.load(self.deploy) if self.deploy else None
+        if self.openvino:
+            from . import openvino
+
+            return openvino.build(self, dep)
         if self.onnx:
             return self._build_onnx(dep)
         from .detector import Detector

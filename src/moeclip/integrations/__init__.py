@@ -1,1 +1,2 @@
-"""Bridges to other engines (Ray, ...). Each module imports its engine lazily: ``import moeclip`` never needs them."""
+"""Bridges to other frameworks (anomalib, Ray); each submodule imports its framework only when imported itself,
+so ``import moeclip`` never needs them."""

@@ -1,0 +1,232 @@
+"""MoECLIP as an anomalib model: ``Engine().test/predict/export`` on any anomalib datamodule.
+
+>>> from anomalib.data import MVTecAD
+>>> from anomalib.engine import Engine
+>>> from moeclip.integrations.anomalib import MoEClip
+>>> model = MoEClip(checkpoint="runs/visa/checkpoint")          # our checkpoint directory
+>>> Engine().test(model, datamodule=MVTecAD(root="datasets/MVTecAD", category="bottle"))
+
+Like anomalib's own zero-shot models (WinCLIP, AnomalyVFM) it has no optimiser (training stays
+``moeclip train``); validation only feeds anomalib's post-processor its normalisation bounds and
+thresholds. The image is resized and normalised as moeclip does (bicubic to the checkpoint's
+size, CLIP mean/std) by the pre-processor, so the anomalib graph -- and its ONNX/OpenVINO
+export -- goes from a [0, 1] image of any size to:
+
+- ``anomaly_map`` (B, S, S): moeclip's raw map (the sum of the 12 maps, blurred, upsampled), the
+  same numbers ``moeclip test`` ranks for the pixel metrics;
+- ``pred_score`` (B,): the single-image score of ``moeclip predict`` without a deployment file
+  (the domain's rule on the map maximum's probability and the raw image score).
+
+anomalib's post-processor then min-max normalises both with bounds measured on the validation
+split and thresholds them (F1-adaptive). Its evaluator pools the images of the datamodule's one
+category; the paper's per-class rule instead normalises map maxima and image scores per class
+*before* combining them, so image AUROC can differ slightly while pixel AUROC agrees (see
+README, "anomalib").
+
+Few-shot: ``k_shot`` is the extension point for reference images (anomalib's k-shot models
+take them from the datamodule's normal training images); it is not implemented yet.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ..errors import MoECLIPError
+
+try:
+    import torch
+    from anomalib import LearningType
+    from anomalib.data import Batch, InferenceBatch
+    from anomalib.metrics import Evaluator
+    from anomalib.models.components import AnomalibModule
+    from anomalib.post_processing import PostProcessor
+    from anomalib.pre_processing import PreProcessor
+    from anomalib.visualization import Visualizer
+    from torch import nn
+    from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+except ImportError as exc:  # pragma: no cover - exercised without anomalib installed
+    raise MoECLIPError(f"the anomalib integration needs anomalib ({exc.name or exc} is missing): "
+                       "pip install 'moeclip[anomalib]'") from None
+
+from ..data.transforms import CLIP_MEAN, CLIP_STD
+from ..model.domain import Domain
+from ..model.prompts import GENERIC_OBJECT
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MoEClip", "MoEClipTorchModel", "load_moeclip"]
+
+def load_moeclip(checkpoint: str | Path, **options: Any):
+    """Our checkpoint directory, or an official ``.pth`` plus its hyper-parameters as keywords.
+
+    Keywords are the ``moeclip`` model flags without dashes (``clip_model``, ``clip_weights``,
+    ``image_size``, ``experts``, ``top_k``, ``rank``, ``moe_layers``, ``fofs``, ...; see
+    :mod:`moeclip.model.options`).
+    """
+    from ..model.options import MODEL_OPTIONS, build_model
+
+    unknown = sorted(set(options) - set(MODEL_OPTIONS))
+    if unknown:
+        raise MoECLIPError(f"MoEClip: unknown model option(s) {unknown} (known: {', '.join(MODEL_OPTIONS)})")
+    return build_model(checkpoint, options)
+
+
+class MoEClipTorchModel(nn.Module):
+    """CLIP-normalised (B, 3, S, S) -> ``InferenceBatch(pred_score, anomaly_map)`` for one object.
+
+    The object's text features live in the ``text_features`` buffer (set by :meth:`set_text`),
+    so the exported graph has no text tower. The Gaussian blur is the fixed separable kernel of
+    the ONNX export (equal to kornia's, and traceable by ``torch.export``).
+    """
+
+    def __init__(self, moeclip, domain: str = "industrial"):
+        super().__init__()
+        from kornia.filters import get_gaussian_kernel1d
+
+        self.moeclip = moeclip.eval()
+        self.domain = Domain.parse(domain)
+        self.num_maps = int(moeclip.adapter_config.num_maps)
+        k, sigma = self.domain.blur
+        self.register_buffer("kernel", get_gaussian_kernel1d(k, sigma)[0].float())
+        self.register_buffer("text_features", torch.zeros(0))
+        self.object: Optional[str] = None
+
+    @torch.no_grad()
+    def set_text(self, description: str) -> None:
+        """Encode ``description`` once; the (D, 2) features replace the buffer."""
+        feats = self.moeclip.text_features(description).detach().float()
+        self.text_features = feats.to(self.kernel.device)
+        self.object = description
+
+    def _blur(self, g: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        p = self.kernel.numel() // 2
+        g = F.conv2d(F.pad(g, (p, p, 0, 0), mode="reflect"), self.kernel.view(1, 1, 1, -1))
+        return F.conv2d(F.pad(g, (0, 0, p, p), mode="reflect"), self.kernel.view(1, 1, -1, 1))
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        import torch.nn.functional as F
+
+        from ..model.scoring import image_score, patch_anomaly
+
+        if self.text_features.numel() == 0:
+            raise MoECLIPError("MoEClip: no object text features yet (call set_text or run the Engine)")
+        out = self.moeclip.encode_image(images, compute_losses=False)
+        text = self.text_features.to(out.det_feature.dtype)
+        total = sum(patch_anomaly(f, text) for f in out.seg_features)
+        g = self._blur(total.reshape(total.shape[0], 1, *out.grid).float())
+        amap = F.interpolate(g, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=True)[:, 0]
+        raw = image_score(out.det_feature, text).float()
+        # moeclip predict's uncalibrated score: the mean per-map probability at the map maximum
+        prob = torch.sigmoid(2.0 * amap.amax(dim=(-2, -1)) / self.num_maps - 1.0)
+        return InferenceBatch(pred_score=self.domain.combine(prob, raw), anomaly_map=amap)
+
+
+class MoEClip(AnomalibModule):
+    """A trained MoECLIP checkpoint as a zero-shot anomalib model.
+
+    Args:
+        checkpoint: our checkpoint directory (``moeclip train``) or an official ``.pth``.
+        class_name: object description for the prompts; default: the datamodule's category
+            (described as moeclip describes that dataset's classes), else ``"object"``.
+        domain: ``industrial`` (default) or ``medical``: blur size and image-score rule.
+        k_shot: reference images per class (few-shot); reserved, must be 0 for now.
+        pre_processor, post_processor, evaluator, visualizer: as every anomalib model.
+        **model_options: hyper-parameters of an official ``.pth`` (see :func:`load_moeclip`).
+    """
+
+    def __init__(self, checkpoint: str | Path, class_name: Optional[str] = None, domain: str = "industrial",
+                 k_shot: int = 0, pre_processor: nn.Module | bool = True, post_processor: nn.Module | bool = True,
+                 evaluator: Evaluator | bool = True, visualizer: Visualizer | bool = True,
+                 **model_options: Any) -> None:
+        if k_shot:
+            raise MoECLIPError("MoEClip: few-shot reference images are not supported yet (k_shot must be 0)")
+        moeclip = load_moeclip(checkpoint, **model_options)
+        size = int(moeclip.config.backbone.image_size)
+        if pre_processor is True:  # the default needs the checkpoint's size, known only now
+            pre_processor = self.configure_pre_processor((size, size))
+        super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
+                         visualizer=visualizer)
+        self.model = MoEClipTorchModel(moeclip, domain)
+        self.image_size = size
+        self.class_name = class_name
+        self.k_shot = k_shot
+        self.model.set_text(class_name or GENERIC_OBJECT)  # usable (and exportable) before any setup
+
+    # ------------------------------------------------------------------ anomalib hooks
+    def setup(self, stage: str) -> None:
+        """Pick the object description once the datamodule is known."""
+        del stage
+        description = self._description()
+        if description != self.model.object:
+            log.info("MoEClip: object description %r", description)
+            self.model.set_text(description)
+
+    def _description(self) -> str:
+        if self.class_name:
+            return self.class_name
+        trainer = getattr(self, "_trainer", None)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        category = getattr(datamodule, "category", None)
+        if not category:
+            return GENERIC_OBJECT
+        from ..data.registry import describe, get_dataset
+
+        try:
+            spec = get_dataset(getattr(datamodule, "name", ""))
+        except Exception:  # not a dataset moeclip knows: the category name itself
+            spec = None
+        return describe(spec, str(category))
+
+    def val_dataloader(self):
+        """No validation data without a datamodule (``Engine().predict(data_path=...)``).
+
+        anomalib validates zero-shot models before predicting, to fit the post-processor's bounds;
+        a datamodule's split takes precedence over this, so only then is the step skipped (the
+        outputs then stay unnormalised: the raw map and the score in [0, 1]).
+        """
+        return []
+
+    @staticmethod
+    def configure_optimizers() -> None:
+        """Zero-shot: nothing to optimise (train with ``moeclip train``)."""
+        return
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> Batch:
+        del args, kwargs
+        return batch.update(**self.model(batch.image)._asdict())
+
+    def test_step(self, batch: Batch, *args, **kwargs) -> Batch:
+        return self.validation_step(batch)
+
+    def predict_step(self, batch: Batch, *args, **kwargs) -> Batch:
+        return self.validation_step(batch)
+
+    @property
+    def trainer_arguments(self) -> Dict[str, Any]:
+        return {}
+
+    @property
+    def learning_type(self) -> LearningType:
+        return LearningType.FEW_SHOT if self.k_shot else LearningType.ZERO_SHOT
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Bicubic resize to the checkpoint's size and CLIP normalisation, as moeclip preprocesses."""
+        size = tuple(image_size) if image_size is not None else (518, 518)
+        return PreProcessor(transform=Compose([
+            Resize(size, antialias=True, interpolation=InterpolationMode.BICUBIC),
+            Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+        ]))
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        return PostProcessor()
+
+    def to_onnx(self, export_root: Path | str, model_file_name: str = "model",
+                input_size: tuple[int, int] | None = None, **kwargs: Any) -> Path:
+        """anomalib's export at opset 18 (its default, 14, cannot express the graph and only logs a failure)."""
+        kwargs.setdefault("opset_version", 18)
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
