@@ -1,0 +1,136 @@
+"""Normal reference images at inference time: from files, folders, globs or arrays to memory banks.
+
+One :class:`~moeclip.model.fewshot.MemoryBank` per object; :class:`ReferenceBanks` holds them for a
+detector, the CLI and the web service, and saves/loads them as one safetensors file per object in
+a folder (``<folder>/<object>.safetensors``).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..data.imageio import load_image, to_pil_rgb
+from ..data.scanners import IMAGE_EXTENSIONS
+from ..data.transforms import preprocess_image
+from ..errors import MoECLIPError
+from ..model.fewshot import MemoryBank, build_bank
+from ..model.fusion import DEFAULT_REFERENCE_WEIGHT, check_weight
+
+ImageLike = Union[str, Path, Any]
+
+BANK_SUFFIX = ".safetensors"
+
+
+def expand_reference_paths(spec: Union[str, Path]) -> List[Path]:
+    """A folder (its images, sorted, not recursive), a glob or one image file -> image paths."""
+    text = os.path.expanduser(str(spec))
+    if any(ch in text for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True)
+                       if Path(p).suffix.lower() in IMAGE_EXTENSIONS and Path(p).is_file())
+        if not files:
+            raise MoECLIPError(f"{spec}: the pattern matches no image files")
+        return files
+    p = Path(text)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                       and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise MoECLIPError(f"{p}: no reference images in this folder")
+        return files
+    if p.is_file():
+        return [p]
+    raise MoECLIPError(f"{spec}: reference image or folder not found")
+
+
+def load_references(images: Union[ImageLike, Sequence[ImageLike]]) -> Tuple[List[Any], List[str]]:
+    """(PIL RGB images, names) from paths, folders, globs, arrays or PIL images."""
+    if isinstance(images, (str, Path)) or hasattr(images, "convert") or hasattr(images, "__array_interface__"):
+        images = [images]
+    pils, names = [], []
+    for i, item in enumerate(images):
+        if isinstance(item, (str, Path)):
+            for p in expand_reference_paths(item):
+                pils.append(load_image(p))
+                names.append(str(p))
+        else:
+            pils.append(to_pil_rgb(item))
+            names.append(f"<image {i}>")
+    if not pils:
+        raise MoECLIPError("no reference images given")
+    return pils, names
+
+
+def bank_from_images(model, images, object: str, *, image_size: Optional[int] = None, precision: str = "fp32",
+                     bank_size: Optional[int] = None, fp16: bool = False, batch_size: int = 8,
+                     names: Optional[Sequence[str]] = None) -> MemoryBank:
+    """A memory bank for ``object`` from reference images (anything :func:`load_references` takes)."""
+    if names is None:
+        pils, names = load_references(images)
+    else:
+        pils = list(images)
+    size = image_size or model.config.backbone.image_size
+    batch = torch.stack([preprocess_image(img, size) for img in pils])
+    return build_bank(model, batch, object, references=list(names), bank_size=bank_size, fp16=fp16,
+                      batch_size=batch_size, precision=precision)
+
+
+def _file_name(object: str) -> str:
+    return (re.sub(r"[^A-Za-z0-9._-]+", "_", object).strip("._") or "object") + BANK_SUFFIX
+
+
+class ReferenceBanks:
+    """Memory banks by object, plus the fusion weight they are used with."""
+
+    def __init__(self, banks: Iterable[MemoryBank] = (), weight: float = DEFAULT_REFERENCE_WEIGHT):
+        self.weight = check_weight(weight)
+        self.banks: Dict[str, MemoryBank] = {}
+        for b in banks:
+            self.add(b)
+
+    def __len__(self) -> int:
+        return len(self.banks)
+
+    def __contains__(self, object: str) -> bool:
+        return object in self.banks
+
+    def add(self, bank: MemoryBank) -> None:
+        self.banks[bank.object] = bank
+
+    def get(self, object: Optional[str]) -> Optional[MemoryBank]:
+        """The bank of ``object``; a single bank without an object name serves every object."""
+        if object in self.banks:
+            return self.banks[object]
+        if len(self.banks) == 1 and "" in self.banks:
+            return self.banks[""]
+        return None
+
+    def summary(self) -> List[Dict[str, Any]]:
+        from ..model.fewshot import bank_summary
+
+        return [bank_summary(b) for b in self.banks.values()]
+
+    def save(self, folder: Union[str, Path], overwrite: bool = False) -> List[Path]:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        names = {}
+        for obj in self.banks:
+            name = _file_name(obj)
+            if name in names:
+                raise MoECLIPError(f"{folder}: objects {names[name]!r} and {obj!r} map to the same file {name}")
+            names[name] = obj
+        return [self.banks[obj].save(folder / name, overwrite=overwrite) for name, obj in names.items()]
+
+    @classmethod
+    def load(cls, folder: Union[str, Path], model=None, weight: float = DEFAULT_REFERENCE_WEIGHT,
+             device=None) -> "ReferenceBanks":
+        """Every ``*.safetensors`` bank in ``folder`` (or one bank file), checked against ``model``."""
+        folder = Path(folder)
+        files = [folder] if folder.is_file() else sorted(folder.glob(f"*{BANK_SUFFIX}"))
+        if not files:
+            raise MoECLIPError(f"{folder}: no memory bank files (*{BANK_SUFFIX})")
+        return cls([MemoryBank.load(f, model=model, device=device) for f in files], weight)
