@@ -190,3 +190,37 @@ def test_fusion_rule():
     assert fuse(zs, fs, 0.3, 12, "medical").score == pytest.approx(m.max(), rel=1e-6)
     with pytest.raises(ValueError, match="reference weight"):
         fuse_maps(zs, fs, 12, 1.5)
+
+
+def test_reference_banks_from_files_and_folder_round_trip(model, tmp_path):
+    from PIL import Image
+
+    from moeclip.data.transforms import preprocess_image
+    from moeclip.inference.references import ReferenceBanks, bank_from_images, expand_reference_paths
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"r{i}.png")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.name for p in expand_reference_paths(tmp_path)] == ["r0.png", "r1.png", "r2.png"]
+    assert [p.name for p in expand_reference_paths(str(tmp_path / "r[01].png"))] == ["r0.png", "r1.png"]
+    with pytest.raises(MoECLIPError, match="matches no image"):
+        expand_reference_paths(str(tmp_path / "*.jpg"))
+    bank = bank_from_images(model, [tmp_path], "nut")
+    assert bank.num_references == 3 and bank.references[0].endswith("r0.png")
+    # an array gives the same bank as its file
+    arr = np.asarray(Image.open(tmp_path / "r0.png"))
+    one = bank_from_images(model, [arr], "nut")
+    direct = build_bank(model, preprocess_image(Image.open(tmp_path / "r0.png").convert("RGB"), 64)[None], "nut")
+    assert all(torch.allclose(a, b) for a, b in zip(one.features, direct.features))
+    banks = ReferenceBanks([bank, one.to(dtype=torch.float16)], weight=0.3)
+    assert len(banks) == 1 and banks.get("nut") is not None and banks.get("bolt") is None  # same object: replaced
+    banks.add(build_bank(model, preprocess_image(Image.open(tmp_path / "r1.png").convert("RGB"), 64)[None],
+                         "metal nut/x"))
+    files = banks.save(tmp_path / "banks")
+    assert sorted(f.name for f in files) == ["metal_nut_x.safetensors", "nut.safetensors"]
+    back = ReferenceBanks.load(tmp_path / "banks", model=model, weight=0.3)
+    assert {b["object"]: b["references"] for b in back.summary()} == {"nut": 1, "metal nut/x": 1}
+    assert back.weight == 0.3 and back.get("nut").dtype == torch.float16
+    with pytest.raises(MoECLIPError, match="no memory bank files"):
+        ReferenceBanks.load(tmp_path / "nothing")
