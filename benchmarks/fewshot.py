@@ -102,14 +102,17 @@ def main(argv=None) -> int:
         if args.full:
             r["few_shot_s"] = med[f"few_shot_{k}"]
             r["full_added_ratio"] = med[f"few_shot_{k}"] / med["zero_shot"] - 1
+            r["full_added_ratio_cpu"] = cmed[f"few_shot_{k}"] / cmed["zero_shot"] - 1
         results[k] = r
         rows.append([k, entries, r["bank_mib_fp32"], r["bank_mib_fp16"], med["zero_shot"], r["search_s"],
                      f"{100 * r['added_ratio']:.1f}%", f"{100 * r['added_ratio_cpu']:.1f}%"]
-                    + ([f"{100 * r['full_added_ratio']:.1f}%"] if args.full else []))
+                    + ([f"{100 * r['full_added_ratio']:.1f}%", f"{100 * r['full_added_ratio_cpu']:.1f}%"]
+                       if args.full else []))
     print(f"\n{args.clip_model} @ {args.image_size}, {args.precision}, batch {args.batch_size}, "
           f"bank {'fp16' if args.bank_fp16 else 'fp32'}, device {device}, {args.repeats} repeats (median)")
+    full_heads = ["full added (wall)", "full added (cpu)"] if args.full else []
     common.print_table(rows, ["K", "entries/map", "bank MiB fp32", "bank MiB fp16", "zero-shot s", "search s",
-                              "added (wall)", "added (cpu)"] + (["full added"] if args.full else []))
+                              "added (wall)", "added (cpu)"] + full_heads)
     doc = {"config": {**common.config_dict(args, device), "shots": shots, "bank_fp16": args.bank_fp16},
            "machine": common.machine_info(device), "results": results,
            "times": {n: common.summary(t) for n, t in times.items()},
