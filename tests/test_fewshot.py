@@ -224,3 +224,19 @@ def test_reference_banks_from_files_and_folder_round_trip(model, tmp_path):
     assert back.weight == 0.3 and back.get("nut").dtype == torch.float16
     with pytest.raises(MoECLIPError, match="no memory bank files"):
         ReferenceBanks.load(tmp_path / "nothing")
+
+
+def test_fused_raw_reads_back_through_the_zero_shot_rule():
+    from moeclip.model.fusion import fused_raw
+
+    rng = np.random.default_rng(0)
+    zs = rng.uniform(0, 12, (2, 5, 5)).astype(np.float32)
+    fs = rng.uniform(0, 0.6, (2, 5, 5)).astype(np.float32)
+    s = np.array([0.2, 0.7], dtype=np.float32)
+    maps, scores = fused_raw(zs, fs, s, 12, 0.4)
+    prob = 1 / (1 + np.exp(-(2 * maps.astype(np.float64) / 12 - 1)))
+    for i in range(2):
+        direct = fuse(zs[i], fs[i], float(s[i]), 12, "industrial", 0.4)
+        np.testing.assert_allclose(prob[i], direct.anomaly_map, atol=2e-6)
+        rule = float(Domain.parse("industrial").combine(prob[i].max(), scores[i]))
+        assert rule == pytest.approx(direct.score, abs=2e-6)

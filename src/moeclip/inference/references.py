@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..data.imageio import load_image, to_pil_rgb
@@ -134,3 +135,59 @@ class ReferenceBanks:
         if not files:
             raise MoECLIPError(f"{folder}: no memory bank files (*{BANK_SUFFIX})")
         return cls([MemoryBank.load(f, model=model, device=device) for f in files], weight)
+
+
+class FewShotRuntime:
+    """A detector's model scoring against memory banks: the pipeline's few-shot runtime.
+
+    ``raw`` returns the fused map and image score on the zero-shot raw scales
+    (:func:`moeclip.model.fusion.fused_raw`), so the shared post-processing (scores, heat maps,
+    masks, thresholds) applies unchanged, plus per-image extras: the number of references and the
+    raw zero-shot and few-shot parts. Objects without a bank are scored zero-shot
+    (``references`` 0).
+    """
+
+    def __init__(self, detector, banks: ReferenceBanks):
+        self.detector = detector
+        self.banks = banks
+        self.num_maps = detector.num_maps
+        self.image_size = int(detector.image_size)
+        self._on_device: Dict[str, MemoryBank] = {}
+
+    def _bank(self, object: str) -> Optional[MemoryBank]:
+        bank = self.banks.get(object)
+        if bank is None:
+            return None
+        key = f"{bank.object}:{id(bank)}"
+        if key not in self._on_device:
+            self._on_device = {key: bank.to(self.detector.device)}  # one at a time: banks can be large
+        return self._on_device[key]
+
+    def raw(self, images, object: str, domain: str):
+        from ..model.fewshot import predict_with_bank
+        from ..model.fusion import fused_raw
+        from ..precision import autocast
+        from .postprocess import image_score
+
+        det = self.detector
+        batch = torch.stack([preprocess_image(img, self.image_size) for img in images]).to(det.device)
+        bank = self._bank(object)
+        with torch.inference_mode(), autocast(det.device, det.precision):
+            out = predict_with_bank(det.model, batch, det.text_features(object), bank, domain)
+        zs = out["anomaly_map"].cpu().numpy()
+        s = out["image_score"].cpu().numpy()
+        zs_max = zs.reshape(zs.shape[0], -1).max(1)
+        extras: Dict[str, np.ndarray] = {
+            "references": np.full(len(images), bank.num_references if bank else 0, dtype=np.int64),
+            "zero_shot_raw_score": s.copy(), "zero_shot_map_max": zs_max,
+            "zero_shot_score": np.array([image_score(float(m), float(r), domain, None, self.num_maps)
+                                         for m, r in zip(zs_max, s)], dtype=np.float32)}
+        if bank is None:
+            return zs, s, extras
+        few = out["few_shot_map"].cpu().numpy()
+        maps, scores = fused_raw(zs, few, s, self.num_maps, self.banks.weight)
+        extras["few_shot_map_max"] = few.reshape(few.shape[0], -1).max(1)
+        return maps, scores, extras
+
+    def clear_cache(self) -> None:
+        self.detector.model.text.clear_cache()

@@ -64,3 +64,26 @@ def fuse(zero_shot_raw, few_shot, raw_score: float, num_maps: int, domain: "Doma
     image_part = np.float32(0.5) * (np.float32(raw_score) + np.float32(f_max))
     score = float(Domain.parse(domain).combine(np.float32(m_max), image_part))
     return FusedScore(fused, score, m_max, float(np.max(zero_shot_raw)), float(raw_score), f_max)
+
+
+def to_raw_scale(fused, num_maps: int, eps: float = 1e-7) -> np.ndarray:
+    """The raw zero-shot value whose probability ``sigmoid(2 raw / n - 1)`` is the fused map value.
+
+    Lets a fused map travel through the zero-shot post-processing unchanged: heat maps, masks and
+    the uncalibrated image score read it back exactly (to float32 rounding).
+    """
+    m = np.clip(np.asarray(fused, dtype=np.float64), eps, 1.0 - eps)
+    return (num_maps * (np.log(m / (1.0 - m)) + 1.0) / 2.0).astype(np.float32)
+
+
+def fused_raw(zero_shot_raw, few_shot, raw_scores, num_maps: int, weight: float = DEFAULT_REFERENCE_WEIGHT):
+    """A batch's fusion on the zero-shot raw scales: (maps (B, H, W), image scores (B,)).
+
+    The map is :func:`to_raw_scale` of the fused map and the score ``(s + max M_fs) / 2``, so that
+    the zero-shot rule ``Domain.combine(sigmoid(2 max / n - 1), score)`` gives the fused image score.
+    """
+    few = np.asarray(few_shot, dtype=np.float32)
+    maps = to_raw_scale(fuse_maps(zero_shot_raw, few, num_maps, weight), num_maps)
+    f_max = few.reshape(few.shape[0], -1).max(1)
+    scores = (np.float32(0.5) * (np.asarray(raw_scores, dtype=np.float32) + f_max)).astype(np.float32)
+    return maps, scores
