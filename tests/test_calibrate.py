@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from moeclip.cli import main
-from moeclip.inference.deploy import (Deployment, f1_threshold, final_score, fit_normalization, fpr_threshold,
-                            load_detector, rates, resize_map)
+from moeclip.inference.deploy import Deployment, load_deployment_detector
+from moeclip.inference.postprocess import (Normalization, f1_threshold, fpr_threshold, image_score, rates,
+                                           resize_map)
 from moeclip.errors import MoECLIPError
 
 from conftest import make_tiny_checkpoint
@@ -74,13 +75,13 @@ def test_f1_threshold_matches_brute_force():
 
 
 def test_normalization_headroom():
-    n = fit_normalization(1.0, 3.0, 0.4, 0.6, headroom=1.0)
+    n = Normalization.fit(1.0, 3.0, 0.4, 0.6, headroom=1.0).to_dict()
     assert n == pytest.approx({"map_min": 1.0, "map_max": 5.0, "score_min": 0.4, "score_max": 0.8})
 
 
 def test_numpy_scores_equal_detector(tiny_ckpt):
-    from moeclip.cli.common import build_model
-    from moeclip.inference.detector import Detector, Normalization
+    from moeclip.inference.detector import Detector
+    from moeclip.model.options import build_model
 
     norm = {"map_min": -3.0, "map_max": 30.0, "score_min": 0.4, "score_max": 0.6}
     for normalization in (None, norm):
@@ -88,7 +89,7 @@ def test_numpy_scores_equal_detector(tiny_ckpt):
                        normalization=None if normalization is None else Normalization(**normalization))
         for domain in ("industrial", "medical"):
             for mmax, raw in [(12.3, 0.51), (-5.0, 0.3), (40.0, 0.7)]:
-                assert final_score(mmax, raw, domain, normalization, det.num_maps) == \
+                assert image_score(mmax, raw, domain, normalization, det.num_maps) == \
                     det.score_from(mmax, raw, det.domain.parse(domain))
 
 
@@ -129,7 +130,7 @@ def test_calibrate_normal_then_predict(tiny_ckpt, dataset, tmp_path):
     obs = dep.calibration["observed"]
     assert dep.normalization["map_max"] == pytest.approx(2 * obs["map_max"] - obs["map_min"])  # headroom 1
 
-    det = load_detector(dep_path, device="cpu")
+    det = load_deployment_detector(dep_path, device="cpu")
     assert det.threshold == dep.threshold and det.object == "hex nut"
     assert det.normalization.map_max == dep.normalization["map_max"]
 

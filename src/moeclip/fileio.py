@@ -1,13 +1,16 @@
 """Atomic file writes: a temporary file in the same folder, then ``os.replace``.
 
-An interrupted run never leaves a half-written checkpoint, manifest or result file.
+An interrupted run never leaves a half-written checkpoint, manifest, map, picture or result
+file. Every writer of the package goes through here.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import IO, Callable, Iterator, Union
 
 from .errors import MoECLIPError
 
@@ -20,8 +23,9 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None], *, overwrite: bool = True) -> None:
-    """``write(tmp_path)`` fills a temporary file that then replaces ``path`` in one step."""
+@contextlib.contextmanager
+def _temporary(path: PathLike, overwrite: bool) -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; on success it replaces ``path``."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise MoECLIPError(f"{path}: already exists; pass --overwrite to replace it")
@@ -33,7 +37,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None], *, overwrite: boo
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; keep normal permissions
-        write(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -41,11 +45,45 @@ def atomic_write(path: PathLike, write: Callable[[str], None], *, overwrite: boo
         raise
 
 
-def atomic_write_text(path: PathLike, text: str, *, overwrite: bool = True) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+def atomic_write(path: PathLike, write: Callable[[str], None], *, overwrite: bool = True) -> None:
+    """``write(tmp_path)`` fills a temporary file that then replaces ``path`` in one step."""
+    with _temporary(path, overwrite) as tmp:
+        write(tmp)
 
-    atomic_write(path, write, overwrite=overwrite)
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike, mode: str = "wb", *, overwrite: bool = True) -> Iterator[IO]:
+    """``with atomic_open(p) as fh: np.save(fh, a)``: the file appears complete or not at all."""
+    with _temporary(path, overwrite) as tmp:
+        with open(tmp, mode) as fh:
+            yield fh
+
+
+def atomic_write_text(path: PathLike, text: str, *, overwrite: bool = True) -> None:
+    with atomic_open(path, "w", overwrite=overwrite) as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_write_bytes(path: PathLike, data: bytes, *, overwrite: bool = True) -> None:
+    with atomic_open(path, "wb", overwrite=overwrite) as fh:
+        fh.write(data)
+
+
+def atomic_copy(src: PathLike, dst: PathLike) -> None:
+    """Copy ``src`` over ``dst`` in one step (readers see the old or the new file)."""
+    atomic_write(dst, lambda tmp: shutil.copy2(src, tmp))
+
+
+def replace_dir(tmp: PathLike, final: PathLike) -> None:
+    """Move a fully written folder ``tmp`` to ``final``; the old ``final`` is removed only afterwards."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)

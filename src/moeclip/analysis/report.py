@@ -93,24 +93,17 @@ def _as_class_data(d: Union[ClassData, Mapping]) -> ClassData:
 
 # --------------------------------------------------------------------------- numbers
 def final_image_scores(image_scores, map_max, domain: str, map_range: Optional[Tuple[float, float]] = None):
-    """The official per-class image score the metrics rank.
+    """The official per-class image score the metrics rank (:func:`moeclip.metrics.protocol.final_image_scores_`).
 
-    Raw image scores are min-max normalised when they leave [0, 1]; per-image map maxima are
-    normalised with the class's map range ``(lo, hi)`` (default: the range of ``map_max``)
-    when it leaves [0, 1]; industrial: ``0.5 * max + 0.5 * score``, medical: ``max`` alone.
+    Per-image map maxima are normalised with the class's map range ``(lo, hi)`` (default: the
+    range of ``map_max``) when it leaves [0, 1]; raw image scores likewise with their own range.
     """
-    img = np.asarray(image_scores, dtype=np.float64).reshape(-1)
-    mx = np.asarray(map_max, dtype=np.float64).reshape(-1)
+    from ..metrics.protocol import final_image_scores_, minmax_scale
 
-    def norm(a, lo, hi):
-        if hi > 1 or lo < 0:
-            return np.zeros_like(a) if hi == lo else (a - lo) / (hi - lo)
-        return a
-
+    img = np.array(image_scores, dtype=np.float64).reshape(-1)
+    mx = np.array(map_max, dtype=np.float64).reshape(-1)
     lo, hi = map_range if map_range is not None else (mx.min(), mx.max())
-    mx = norm(mx, float(lo), float(hi))
-    img = norm(img, float(img.min()), float(img.max()))
-    return mx if str(domain).lower() == "medical" else 0.5 * mx + 0.5 * img
+    return final_image_scores_(img, mx, domain, minmax_scale(mx, float(lo), float(hi)))
 
 
 def pick_examples(scores, labels, n: int = 3) -> List[int]:

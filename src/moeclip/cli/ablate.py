@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .common import PRECISIONS
 from .train import add_architecture_args, model_config_from_args
 
 
@@ -28,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     add_architecture_args(p)
     p.set_defaults(func=run, clip_model=None, clip_weights=None, image_size=None)
 

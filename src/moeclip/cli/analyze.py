@@ -90,7 +90,7 @@ def run_experts(args) -> int:
     from ..data.transforms import preprocess_image
     from ..analysis.explain import ExpertStatsAccumulator
     from ..precision import autocast
-    from .common import load_detector, progress
+    from .common import detector_from_args, progress
 
     if not args.data and not args.images:
         raise MoECLIPError("give the images to analyse with --data NAME=PATH or --images DIR|GLOB")
@@ -102,7 +102,7 @@ def run_experts(args) -> int:
     paths = spread(collect_images(args.data, args.images), args.max_images)
     if not paths:
         raise MoECLIPError("no images found in the given --data / --images")
-    det = load_detector(args)
+    det = detector_from_args(args)
     model, size = det.model, det.image_size
     acc = ExpertStatsAccumulator(model, tokens=args.tokens)
     used, skipped = 0, []

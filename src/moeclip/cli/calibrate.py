@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import MoECLIPError
-from .common import add_model_args, model_options, progress
+from .common import add_domain_arg, add_model_args, model_options, progress
 
 PIXEL_STATS_SIZE = 128
 
@@ -44,8 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--class", dest="class_name", metavar="NAME",
                    help="with --data: the class to calibrate (needed when the data has several)")
     p.add_argument("--object", help="object description (default: the dataset's for --class, else 'object')")
-    p.add_argument("--domain", choices=("industrial", "medical"),
-                   help="default: the dataset's domain, else industrial")
+    add_domain_arg(p, "default: the dataset's domain, else industrial")
     p.add_argument("--max-fpr", type=float, default=0.01,
                    help="largest false-positive rate on normal images (default 0.01)")
     p.add_argument("--pixel-max-fpr", type=float, default=None,
@@ -88,8 +87,12 @@ def _labelled_items(args) -> Tuple[List[Tuple[Path, int, Optional[str]]], Option
     return items, describe(spec, cls), (spec.domain if spec else None)
 
 
-def _collect(detector, items, obj: str, domain: str, batch_size: int) -> Dict[str, np.ndarray]:
-    """Run the model: per-image raw score, map min/max, and downsized maps (and masks) for pixel statistics."""
+def _collect(detector, items, obj: str, domain: str, batch_size: int, orient: bool) -> Dict[str, np.ndarray]:
+    """Run the model: per-image raw score, map min/max, and downsized maps (and masks) for pixel statistics.
+
+    ``orient``: user photos (``--normal``) are read as ``predict`` reads them (EXIF applied);
+    dataset images keep their raw pixels, aligned with their masks.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -106,7 +109,7 @@ def _collect(detector, items, obj: str, domain: str, batch_size: int) -> Dict[st
         tensors, kept = [], []
         for path, label, mask in chunk:
             try:
-                tensors.append(preprocess_image(load_image(path), size))
+                tensors.append(preprocess_image(load_image(path, orient=orient), size))
                 kept.append((path, label, mask))
             except MoECLIPError as exc:
                 print(f"warning: skipped {exc}", file=sys.stderr)
@@ -138,10 +141,11 @@ def _collect(detector, items, obj: str, domain: str, batch_size: int) -> Dict[st
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inference.deploy import (Deployment, absolute_options, f1_threshold, fit_normalization, fpr_threshold, rates)
-    from ..inference.detector import Normalization
+    from ..inference.deploy import Deployment
+    from ..inference.postprocess import Normalization, f1_threshold, fpr_threshold, rates
+    from ..model.options import absolute_options
     from ..model.prompts import GENERIC_OBJECT
-    from .common import load_detector, refuse_existing
+    from .common import detector_from_args, refuse_existing
 
     out_path = Path(args.out)
     refuse_existing(out_path, args.overwrite)
@@ -149,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         raise MoECLIPError(f"--max-fpr must be in [0, 1), got {args.max_fpr}")
     pixel_fpr = args.max_fpr if args.pixel_max_fpr is None else args.pixel_max_fpr
     if args.normal:
-        from .predict import expand_inputs
+        from ..inference.pipeline import expand_inputs
 
         if args.class_name or args.criterion == "f1":
             raise MoECLIPError("--class and --criterion f1 need labelled --data")
@@ -163,8 +167,8 @@ def run(args: argparse.Namespace) -> int:
         raise MoECLIPError("no calibration images found")
     obj = args.object or description or GENERIC_OBJECT
     domain = args.domain or data_domain or "industrial"
-    detector = load_detector(args, domain=domain, object=obj)
-    stats = _collect(detector, items, obj, domain, args.batch_size)
+    detector = detector_from_args(args, domain=domain, object=obj)
+    stats = _collect(detector, items, obj, domain, args.batch_size, orient=bool(args.normal))
     labels = stats["labels"]
     if criterion == "f1" and (labels.min() == labels.max()):
         raise MoECLIPError("F1 calibration needs normal and anomalous images; use --criterion fpr "
@@ -172,10 +176,10 @@ def run(args: argparse.Namespace) -> int:
     if criterion == "fpr" and not (labels == 0).any():
         raise MoECLIPError("no normal image to calibrate the false-positive rate on")
 
-    norm = fit_normalization(stats["map_min"].min(), stats["map_max"].max(), stats["raw"].min(),
+    norm = Normalization.fit(stats["map_min"].min(), stats["map_max"].max(), stats["raw"].min(),
                              stats["raw"].max(), headroom)
-    detector.normalization = Normalization(**norm)
-    scores = np.array([detector.score_from(m, s, detector.domain) for m, s in zip(stats["map_max"], stats["raw"])])
+    detector.normalization = norm
+    scores = np.array([detector.score_from(m, s) for m, s in zip(stats["map_max"], stats["raw"])])
     if criterion == "f1":
         threshold, _ = f1_threshold(scores, labels)
     else:
@@ -206,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     }
     checkpoint = str(Path(args.checkpoint).resolve())
     dep = Deployment(object=obj, domain=domain, threshold=threshold, pixel_threshold=float(pixel_threshold),
-                     normalization=norm, checkpoint=checkpoint,
+                     normalization=norm.to_dict(), checkpoint=checkpoint,
                      model_options=absolute_options(model_options(args)), calibration=calibration)
     dep.save(out_path, overwrite=args.overwrite)
     fpr = calibration["image"]["fpr"]

@@ -14,7 +14,7 @@ A model comes from one of two sources:
 Every model flag defaults to ``None`` so that "not given" is distinguishable from "given the
 default value"; :func:`model_options` returns only the flags given, keyed by their option
 names (``clip_model``, ``experts``, ...). The same dictionary is what a deployment file stores
-to rebuild the model later (:func:`build_model`).
+to rebuild the model later (:func:`moeclip.model.options.build_model`, which builds it).
 """
 from __future__ import annotations
 
@@ -25,17 +25,20 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import MoECLIPError
+from ..model.domain import Domain
+from ..model.options import MODEL_OPTIONS, build_model
+
+__all__ = ["DOMAINS", "PRECISIONS", "MODEL_OPTIONS", "add_model_args", "add_domain_arg", "add_precision_arg",
+           "model_options", "build_model", "load_model_from_args", "detector_from_args", "refuse_existing",
+           "progress", "int_list"]
 
 log = logging.getLogger(__name__)
 
-#: option name -> BackboneConfig field
-BACKBONE_OPTIONS = {"clip_model": "model", "clip_weights": "pretrained", "image_size": "image_size",
-                    "quick_gelu": "quick_gelu"}
-#: option name -> AdapterConfig field
-ADAPTER_OPTIONS = {"experts": "num_experts", "top_k": "top_k", "rank": "rank", "alpha": "alpha",
-                   "moe_layers": "moe_layers", "levels": "levels", "fofs": "fofs", "paa": "paa",
-                   "relu": "relu", "seg_proj": "seg_proj", "image_adapt_weight": "image_adapt_weight"}
-MODEL_OPTIONS = tuple(BACKBONE_OPTIONS) + tuple(ADAPTER_OPTIONS)
+#: The valid --domain values (from the library's Domain).
+DOMAINS = tuple(d.value for d in Domain)
+#: The valid --precision values: the keys of moeclip.precision.PRECISIONS (that module imports
+#: torch, which the CLI does not at start-up; a test keeps the two equal).
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def int_list(text: str) -> List[int]:
@@ -82,9 +85,19 @@ def add_model_args(parser: argparse.ArgumentParser, checkpoint_required: bool = 
                    help="weight of the MoE output in the residual mix (default 0.1)")
     r = parser.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
-    r.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="fp32 (default), or autocast to bf16/fp16; the frozen CLIP weights are then stored in "
-                        "that dtype once (same results as plain autocast, no re-cast per batch, half their memory)")
+    add_precision_arg(r)
+
+
+def add_precision_arg(parser, help: Optional[str] = None) -> None:
+    """``--precision`` with the valid values of :data:`PRECISIONS` (default fp32)."""
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=help or (
+        "fp32 (default), or autocast to bf16/fp16; the frozen CLIP weights are then stored in that dtype once "
+        "(same results as plain autocast, no re-cast per batch, half their memory)"))
+
+
+def add_domain_arg(parser, help: str, default: Optional[str] = None) -> None:
+    """``--domain`` with the valid values of :data:`DOMAINS`."""
+    parser.add_argument("--domain", choices=DOMAINS, default=default, help=help)
 
 
 def model_options(args: argparse.Namespace) -> Dict[str, Any]:
@@ -92,41 +105,12 @@ def model_options(args: argparse.Namespace) -> Dict[str, Any]:
     return {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name, None) is not None}
 
 
-def _backbone_overrides(options: Dict[str, Any]) -> Dict[str, Any]:
-    out = {BACKBONE_OPTIONS[k]: v for k, v in options.items() if k in BACKBONE_OPTIONS}
-    if isinstance(out.get("pretrained"), str) and out["pretrained"].lower() == "none":
-        out["pretrained"] = None
-    return out
-
-
-def _adapter_overrides(options: Dict[str, Any]) -> Dict[str, Any]:
-    return {ADAPTER_OPTIONS[k]: v for k, v in options.items() if k in ADAPTER_OPTIONS}
-
-
-def build_model(checkpoint: str | Path, options: Optional[Dict[str, Any]] = None):
-    """Build an eval-mode :class:`~moeclip.model.moeclip.MoECLIP` on the CPU from a checkpoint and option dict.
-
-    ``options`` uses the names of :data:`MODEL_OPTIONS` (what :func:`model_options` returns and a
-    deployment file stores).
-    """
-    from ..model.checkpoint import load_model
-
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(MODEL_OPTIONS))
-    if unknown:
-        raise MoECLIPError(f"unknown model option(s) {unknown}")
-    if checkpoint is None:
-        raise MoECLIPError("no checkpoint given (--checkpoint, or a deployment file that names one)")
-    return load_model(checkpoint, backbone_overrides=_backbone_overrides(options),
-                      adapter_overrides=_adapter_overrides(options))
-
-
 def load_model_from_args(args: argparse.Namespace):
     """:func:`build_model` from parsed :func:`add_model_args` flags."""
     return build_model(args.checkpoint, model_options(args))
 
 
-def load_detector(args: argparse.Namespace, **detector_kwargs):
+def detector_from_args(args: argparse.Namespace, **detector_kwargs):
     """A :class:`~moeclip.inference.detector.Detector` on ``--device`` at ``--precision``.
 
     ``detector_kwargs`` go to the Detector (``domain``, ``normalization``, ``threshold``,

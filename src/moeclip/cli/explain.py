@@ -21,7 +21,7 @@ JSON_FILE = "explain.json"
 
 
 def register(subparsers) -> None:
-    from .common import add_model_args
+    from .common import add_domain_arg, add_model_args
 
     p = subparsers.add_parser(
         "explain", help="per-expert routing maps, router entropy and per-map contributions for one image",
@@ -31,8 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--object", default=None, metavar="TEXT",
                    help="object description for the prompts, e.g. 'metal nut' (default: 'object')")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (PNGs, explain.json, index.html)")
-    p.add_argument("--domain", choices=("industrial", "medical"), default="industrial",
-                   help="sets the blur of the anomaly map (default industrial)")
+    add_domain_arg(p, "sets the blur of the anomaly map (default industrial)", default="industrial")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier explanation in --out")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -48,13 +47,13 @@ def run(args) -> int:
     from ..analysis.explain import explain_image
     from ..precision import autocast
     from ..model.prompts import GENERIC_OBJECT
-    from .common import load_detector
+    from .common import detector_from_args
 
     out = Path(args.out)
     if (out / JSON_FILE).exists() and not args.overwrite:
         raise MoECLIPError(f"{out}: holds an earlier explanation (use --overwrite to replace it)")
     pil = load_image(args.image)
-    det = load_detector(args)
+    det = detector_from_args(args)
     model, size = det.model, det.image_size
     obj = args.object or GENERIC_OBJECT
     batch = preprocess_image(pil, size)[None].to(det.device)

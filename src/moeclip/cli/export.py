@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import MoECLIPError
-from .common import add_model_args, model_options, refuse_existing
+from .common import add_domain_arg, add_model_args, model_options, refuse_existing
 
 
 def register(subparsers) -> None:
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
                        description="Export image -> (anomaly map, raw image score) for one object to ONNX.")
     o.add_argument("--out", required=True, metavar="MODEL.onnx")
     o.add_argument("--object", help="object description (default: the deployment's, else 'object')")
-    o.add_argument("--domain", choices=("industrial", "medical"), help="default: the deployment's, else industrial")
+    add_domain_arg(o, "default: the deployment's, else industrial")
     o.add_argument("--deploy", metavar="FILE", help="deployment file to embed (and its checkpoint and object)")
     o.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto",
                    help="torch.onnx exporter: auto (default) tries the fast TorchScript exporter, then "

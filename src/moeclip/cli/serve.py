@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from ..errors import MoECLIPError
-from .common import add_model_args, model_options
+from .common import add_domain_arg, add_model_args, model_options
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--deploy", metavar="FILE", help="deployment file from 'moeclip calibrate' "
                    "(decisions, normalisation, masks; also supplies --checkpoint and the default object)")
     p.add_argument("--object", help="default object description when a request names none")
-    p.add_argument("--domain", choices=("industrial", "medical"), help="default domain")
+    add_domain_arg(p, "default domain")
     p.add_argument("--threshold", type=float, help="decision threshold (overrides --deploy)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -50,9 +50,9 @@ def build_app(args: argparse.Namespace):
                                 precision=args.precision, object=args.object, domain=args.domain,
                                 threshold=args.threshold)
     elif args.checkpoint:
-        from .common import load_detector
+        from .common import detector_from_args
 
-        detector = load_detector(args, object=args.object, threshold=args.threshold)
+        detector = detector_from_args(args, object=args.object, threshold=args.threshold)
     else:
         raise MoECLIPError("--checkpoint is required (or --deploy FILE)")
     return create_app(detector, dep, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..model.config import AdapterConfig, BackboneConfig, ModelConfig
+from .common import PRECISIONS
 
 
 def add_architecture_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +86,7 @@ def register(sub) -> None:
                         "the MoE adapters, the seg head and the full-resolution loss maps (less memory, ~25-35%% slower)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto")
-    r.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+    r.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default), or autocast to bf16/fp16 (losses in fp32; the frozen CLIP weights are "
                         "stored in that dtype once, unless the checkpoints must store the CLIP itself)")
     r.add_argument("--workers", type=int, default=0, help="data-loading worker processes")

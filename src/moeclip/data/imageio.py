@@ -1,7 +1,7 @@
 """Image and mask decoding.
 
 Images follow the official MoECLIP loader (``PIL.Image.open(p).convert("RGB")``,
-no EXIF transpose, so images and masks stay aligned), with guards for inputs the
+no EXIF transpose, so dataset images and their masks stay aligned), with guards for inputs the
 official code mishandles: 16-bit / int32 / float images (``convert`` would clip
 them to white) are rescaled to uint8, TIFFs Pillow cannot read go through OpenCV
 when it is installed, and any unreadable file becomes a :class:`MoECLIPError`
@@ -10,6 +10,9 @@ that names the file.
 Masks keep their raw values (palette indices, not palette colours) and are
 binarised with ``!= 0`` (``"nonzero"``, the official behaviour, needed for VisA's
 1..k labels) or ``> 127`` (``"half"``, for JPEG-derived masks with halos).
+
+User photos (``predict``, ``serve``, the Python API) are read with ``orient=True``: the EXIF
+orientation tag is applied, so they are scored and overlaid as a viewer shows them.
 """
 from __future__ import annotations
 
@@ -19,12 +22,18 @@ import struct
 from typing import Callable, Optional, Tuple, TypeVar, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import MoECLIPError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "IMAGE_FORMATS",
+    "ImageTooLarge",
+    "UnsupportedImage",
+    "decode_image_bytes",
+    "exif_oriented",
     "MASK_POLICIES",
     "load_image",
     "to_pil_rgb",
@@ -45,6 +54,15 @@ T = TypeVar("T")
 DEFAULT_MAX_PIXELS: Optional[int] = 2 * 89_478_485
 
 MASK_POLICIES = ("nonzero", "half")
+
+#: Pillow decoders for user images (predict folders and globs, serve uploads): format -> suffixes.
+#: (Pillow's JPEG decoder also reads the multi-picture JPEGs many phones write.)
+IMAGE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "BMP": (".bmp",),
+                 "TIFF": (".tif", ".tiff"), "WEBP": (".webp",), "GIF": (".gif",)}
+#: Lower-case file suffixes taken from folders and globs.
+IMAGE_EXTENSIONS = frozenset(ext for exts in IMAGE_FORMATS.values() for ext in exts)
+
+_EXIF_ORIENTATION = 0x0112
 
 # Errors Pillow and its format plugins raise for truncated or malformed files
 # (UnidentifiedImageError is an OSError). DecompressionBombError is handled apart.
@@ -108,14 +126,30 @@ def _pil_to_rgb(img: Image.Image, source: str) -> Image.Image:
     return img.convert("RGB")
 
 
-def to_pil_rgb(x, source: str = "<array>") -> Image.Image:
+def exif_oriented(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: its EXIF orientation tag applied (the image itself if none)."""
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not make the image unreadable
+        return img
+    if orientation in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def _oriented_rgb(img: Image.Image, source: str) -> Image.Image:
+    return _pil_to_rgb(exif_oriented(img), source)
+
+
+def to_pil_rgb(x, source: str = "<array>", orient: bool = False) -> Image.Image:
     """Return an 8-bit RGB PIL image from a PIL image or a numpy array.
 
     Arrays may be HxW, HxWx1, HxWx3 (RGB order) or HxWx4 (alpha dropped), of
     dtype uint8, uint16/int (rescaled if above 255), bool, or float in [0, 1].
+    ``orient`` applies a PIL image's EXIF orientation tag (arrays have none).
     """
     if isinstance(x, Image.Image):
-        return _pil_to_rgb(x, source)
+        return _oriented_rgb(x, source) if orient else _pil_to_rgb(x, source)
     if not isinstance(x, np.ndarray):
         raise MoECLIPError(f"{source}: expected a PIL image or numpy array, got {type(x).__name__}")
     if x.ndim == 3 and x.shape[2] in (1, 3, 4):
@@ -135,9 +169,17 @@ def to_pil_rgb(x, source: str = "<array>") -> Image.Image:
 # opening files
 # ---------------------------------------------------------------------------
 
+class ImageTooLarge(MoECLIPError):
+    """More pixels than allowed (a possible decompression bomb)."""
+
+
+class UnsupportedImage(MoECLIPError):
+    """Data that none of the allowed decoders recognises."""
+
+
 def _check_pixels(width: int, height: int, path: str, max_pixels: Optional[int]) -> None:
     if max_pixels is not None and width * height > max_pixels:
-        raise MoECLIPError(f"{path}: image of {width}x{height} pixels exceeds the limit of "
+        raise ImageTooLarge(f"{path}: image of {width}x{height} pixels exceeds the limit of "
                            f"{max_pixels} pixels (possible decompression bomb; raise max_pixels "
                            f"if the file is genuine)")
 
@@ -198,13 +240,40 @@ def _decode(path: PathLike, kind: str, max_pixels: Optional[int],
         return from_array(arr, path)
 
 
-def load_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, orient: bool = False) -> Image.Image:
     """Decode an image file to 8-bit RGB, as the official ``open(...).convert("RGB")``.
 
     ``max_pixels`` (None disables the check; Pillow's own limit still applies)
-    rejects decompression bombs before any pixel data is decoded.
+    rejects decompression bombs before any pixel data is decoded. ``orient`` applies the
+    EXIF orientation tag (user photos; never for dataset images, whose masks are not rotated).
     """
-    return _decode(path, "image", max_pixels, _pil_to_rgb, to_pil_rgb)
+    return _decode(path, "image", max_pixels, _oriented_rgb if orient else _pil_to_rgb, to_pil_rgb)
+
+
+def decode_image_bytes(data: bytes, source: str = "upload", max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                       formats=tuple(IMAGE_FORMATS), orient: bool = True) -> Image.Image:
+    """Bytes (e.g. an upload) -> oriented 8-bit RGB, trying only the Pillow decoders in ``formats``.
+
+    Errors are :class:`MoECLIPError` naming ``source``: :class:`UnsupportedImage` (not one of
+    ``formats``), :class:`ImageTooLarge` (pixel limit, decompression bomb), plain for broken data.
+    """
+    import io
+
+    if not data:
+        raise MoECLIPError(f"{source}: the file is empty")
+    try:
+        with Image.open(io.BytesIO(data), formats=formats) as im:
+            _check_pixels(im.width, im.height, source, max_pixels)
+            im.load()
+            return _oriented_rgb(im, source) if orient else _pil_to_rgb(im, source)
+    except MoECLIPError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{source}: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise UnsupportedImage(f"{source}: not a {', '.join(formats)} image") from None
+    except Exception as exc:  # noqa: BLE001 - truncated or malformed data: Pillow raises many types
+        raise MoECLIPError(f"{source}: cannot decode the image ({_reason(exc)})") from None
 
 
 def verify_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> None:

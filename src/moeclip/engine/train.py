@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
-import os
 import random
 import shutil
 import time
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from ..model.checkpoint import save_checkpoint
 from ..data.dataset import ZSADDataset, collate
 from ..errors import MoECLIPError
+from ..fileio import atomic_copy, replace_dir
 from ..precision import autocast
 from . import distributed as dist_utils
 from .config import TrainConfig  # defined torch-free for the CLI; importable from here too
@@ -57,16 +57,6 @@ def _seed_epoch(seed: int, epoch: int) -> None:
     np.random.seed(s % (2 ** 32))
     random.seed(s)
 
-
-def _atomic_replace_dir(tmp: Path, final: Path) -> None:
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -149,10 +139,9 @@ class Trainer:
         state = {"epoch": self.epoch, "step": self.step, "best": self.best,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         torch.save(state, tmp / STATE_FILE)
-        _atomic_replace_dir(tmp, self.run_dir / LAST_DIR)
+        replace_dir(tmp, self.run_dir / LAST_DIR)
         # the state file sits beside the checkpoint so `--resume` finds both together
-        shutil.copy2(self.run_dir / LAST_DIR / STATE_FILE, self.run_dir / f".{STATE_FILE}.tmp")
-        os.replace(self.run_dir / f".{STATE_FILE}.tmp", self.run_dir / STATE_FILE)
+        atomic_copy(self.run_dir / LAST_DIR / STATE_FILE, self.run_dir / STATE_FILE)
 
     def resume(self) -> None:
         from ..model.checkpoint import read_checkpoint
@@ -252,6 +241,6 @@ class Trainer:
                 shutil.rmtree(tmp)
             save_checkpoint(self.model, tmp, meta={"epoch": self.epoch, self.cfg.val_metric: score},
                             include_backbone=self.cfg.include_backbone)
-            _atomic_replace_dir(tmp, self.run_dir / BEST_DIR)
+            replace_dir(tmp, self.run_dir / BEST_DIR)
         self.model.train()
         return summary

@@ -3,63 +3,27 @@
 >>> det = Detector.from_checkpoint("runs/visa/checkpoint")
 >>> result = det.predict(["part.png"], object="metal nut")[0]
 >>> result.score, result.anomaly_map.shape
+
+A thin caller of the pipeline (:mod:`moeclip.inference.pipeline`): the model runs in a
+:class:`~moeclip.inference.pipeline.TorchRuntime`, scores and maps come from its
+:class:`~moeclip.inference.postprocess.PostProcessor`, as in ``predict`` and ``serve``.
+Paths and PIL images are read in the orientation a viewer shows them (EXIF applied).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..data.imageio import load_image, to_pil_rgb
-from ..data.transforms import preprocess_image
-from ..precision import autocast, check_precision, resolve_device
+from ..model.domain import Domain
 from ..model.prompts import GENERIC_OBJECT
-from ..model.scoring import Domain, final_image_score
+from ..precision import autocast, check_precision, resolve_device
+from .pipeline import ImageLike, Prediction, TorchRuntime, decode, score_images
+from .postprocess import Normalization, PostProcessor, image_score
 
-ImageLike = Union[str, Path, np.ndarray, Any]  # a path, a numpy array or a PIL image
-
-
-@dataclass
-class Normalization:
-    """Per-deployment score scaling, the single-image analogue of the official per-class min-max."""
-
-    map_min: float
-    map_max: float
-    score_min: float
-    score_max: float
-
-    def map(self, x):
-        return np.clip((x - self.map_min) / max(self.map_max - self.map_min, 1e-12), 0.0, 1.0)
-
-    def score(self, x):
-        return float(np.clip((x - self.score_min) / max(self.score_max - self.score_min, 1e-12), 0.0, 1.0))
-
-
-@dataclass
-class Prediction:
-    anomaly_map: np.ndarray          # raw map (H, W) float32 at the image's original size
-    raw_score: float                 # (c_abnormal + 1) / 2
-    map_max: float
-    score: float                     # in [0, 1]
-    object: str
-    domain: str
-    path: Optional[str] = None
-    decision: Optional[bool] = None  # score >= threshold, when a threshold is known
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-
-def uncalibrated_map_probability(map_value, num_maps: int):
-    """Mean per-map anomaly probability implied by a summed map value.
-
-    Each map's patch score is ``a = (z1 + 1 - z0) / 2``, so ``z1 - z0 = 2a - 1`` and the
-    softmax probability of "abnormal" is ``sigmoid(2a - 1)``; with the 12 maps summed,
-    ``a`` is the map value divided by their number.
-    """
-    return 1.0 / (1.0 + np.exp(-(2.0 * np.asarray(map_value, dtype=np.float64) / num_maps - 1.0)))
+__all__ = ["Detector", "Prediction", "Normalization"]
 
 
 class Detector:
@@ -67,7 +31,8 @@ class Detector:
 
     def __init__(self, model, device: str = "auto", precision: str = "fp32", domain: str = "industrial",
                  image_size: Optional[int] = None, normalization: Optional[Normalization] = None,
-                 threshold: Optional[float] = None, object: Optional[str] = None):
+                 threshold: Optional[float] = None, object: Optional[str] = None,
+                 pixel_threshold: Optional[float] = None):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision
@@ -75,8 +40,9 @@ class Detector:
         self.model.cast_frozen_weights(precision)  # bf16/fp16: same results, no per-batch re-cast
         self.domain = Domain.parse(domain)
         self.image_size = image_size or model.config.backbone.image_size
-        self.normalization = normalization
+        self.normalization = Normalization.from_dict(normalization)
         self.threshold = threshold
+        self.pixel_threshold = pixel_threshold
         self.object = object
 
     @classmethod
@@ -91,10 +57,13 @@ class Detector:
     def num_maps(self) -> int:
         return self.model.adapter_config.num_maps
 
-    def _as_pil(self, image: ImageLike):
-        if isinstance(image, (str, Path)):
-            return load_image(image), str(image)
-        return to_pil_rgb(image), None
+    def post_processor(self, domain: Optional[str] = None) -> PostProcessor:
+        """This detector's scoring (normalisation, thresholds, domain) as a PostProcessor."""
+        return PostProcessor(self.num_maps, Domain.parse(domain or self.domain).value, self.normalization,
+                             self.threshold, self.pixel_threshold)
+
+    def runtime(self) -> TorchRuntime:
+        return TorchRuntime(self)
 
     def text_features(self, object: Optional[str]) -> torch.Tensor:
         with torch.inference_mode():
@@ -110,35 +79,24 @@ class Detector:
             out = self.model.predict(batch.to(self.device), text, domain)
         return {"anomaly_map": out["anomaly_map"].float(), "image_score": out["image_score"].float()}
 
-    def score_from(self, map_max: float, raw_score: float, domain: Domain) -> float:
-        if self.normalization is not None:
-            m, s = float(self.normalization.map(map_max)), self.normalization.score(raw_score)
-        else:
-            m, s = float(uncalibrated_map_probability(map_max, self.num_maps)), float(raw_score)
-        return float(final_image_score(torch.tensor(m), torch.tensor(s), domain))
+    def score_from(self, map_max: float, raw_score: float, domain: Optional[Domain] = None) -> float:
+        """The final image score of one (map maximum, raw score) pair under this detector's scoring."""
+        return image_score(map_max, raw_score, domain or self.domain, self.normalization, self.num_maps)
 
     def predict(self, images: Union[ImageLike, Sequence[ImageLike]], object: Optional[str] = None,
                 domain: Optional[str] = None, batch_size: int = 8) -> List[Prediction]:
         """Score images (paths, PIL images or arrays); maps come back at each image's own size."""
         if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "convert"):
             images = [images]
-        domain_e = Domain.parse(domain or self.domain)
+        post = self.post_processor(domain)
         obj = object or self.object or GENERIC_OBJECT
-        results: List[Prediction] = []
+        runtime = self.runtime()
         images = list(images)
+        results: List[Prediction] = []
         for start in range(0, len(images), batch_size):
-            chunk = [self._as_pil(x) for x in images[start:start + batch_size]]
-            batch = torch.stack([preprocess_image(img, self.image_size) for img, _ in chunk])
-            out = self.predict_tensors(batch, obj, domain_e.value)
-            for (img, path), amap, raw in zip(chunk, out["anomaly_map"], out["image_score"]):
-                results.append(self._prediction(amap, float(raw), (img.height, img.width), obj, domain_e, path))
+            chunk = images[start:start + batch_size]
+            decoded = [decode(x) for x in chunk]
+            for x, scored in zip(chunk, score_images(runtime, post, decoded, obj)):
+                path = str(x) if isinstance(x, (str, Path)) else None
+                results.append(Prediction.from_scored(scored, obj, post.domain, path))
         return results
-
-    def _prediction(self, amap: torch.Tensor, raw: float, size, obj: str, domain: Domain,
-                    path: Optional[str]) -> Prediction:
-        full = F.interpolate(amap[None, None], size=size, mode="bilinear", align_corners=True)[0, 0]
-        full = full.cpu().numpy().astype(np.float32)
-        mmax = float(amap.max())  # the evaluation resolution's max, as the official rule uses
-        score = self.score_from(mmax, raw, domain)
-        decision = None if self.threshold is None else bool(score >= self.threshold)
-        return Prediction(full, raw, mmax, score, obj, domain.value, path, decision)

@@ -13,23 +13,25 @@ version traces).
 
 Object, domain, image size, number of maps and the deployment (threshold, normalisation, pixel
 threshold) are stored in the model's metadata (``moeclip.*`` keys), so that
-:class:`OnnxDetector` turns an image file into the same ``results.jsonl`` line as the PyTorch
-path without a deployment file. Importing this module does not import torch.
+:class:`OnnxRuntime` (the pipeline's runtime for exported models) turns an image file into the
+same ``results.jsonl`` line as the PyTorch path without a deployment file. Importing this
+module does not import torch.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
 from .. import __version__
-from .deploy import Deployment, final_score, resize_map
 from ..errors import MoECLIPError
+from .deploy import Deployment
+from .pipeline import Prediction, score_images
+from .postprocess import PostProcessor
 
 META_PREFIX = "moeclip."
 INPUT_NAME = "images"
@@ -195,13 +197,11 @@ def export_onnx(detector, path: str | Path, object: Optional[str] = None, domain
     }
     if dep is not None:
         meta["deployment"] = json.dumps(dep.to_dict())
-    elif detector.threshold is not None or detector.normalization is not None:
+    elif detector.threshold is not None or detector.normalization is not None or detector.pixel_threshold is not None:
         n = detector.normalization
         meta["deployment"] = json.dumps(Deployment(
-            object=obj, domain=dom, threshold=detector.threshold,
-            normalization=None if n is None else {"map_min": n.map_min, "map_max": n.map_max,
-                                                  "score_min": n.score_min, "score_max": n.score_max},
-        ).to_dict())
+            object=obj, domain=dom, threshold=detector.threshold, pixel_threshold=detector.pixel_threshold,
+            normalization=None if n is None else n.to_dict()).to_dict())
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
     for key, value in meta.items():
@@ -221,7 +221,7 @@ def compare_onnx(detector, path: str | Path, images=None, object: Optional[str] 
     """
     import torch
 
-    runner = OnnxDetector(path)
+    runner = OnnxRuntime(path)
     size = runner.image_size
     if images is None:
         g = torch.Generator().manual_seed(seed)
@@ -260,21 +260,6 @@ def preprocess(image: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
-@dataclass
-class OnnxPrediction:
-    """Same fields as :class:`moeclip.inference.detector.Prediction`."""
-
-    anomaly_map: np.ndarray
-    raw_score: float
-    map_max: float
-    score: float
-    object: str
-    domain: str
-    path: Optional[str] = None
-    decision: Optional[bool] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-
 def read_metadata(path: str | Path) -> Dict[str, str]:
     """The ``moeclip.*`` metadata of an exported model (prefix stripped)."""
     import onnx
@@ -283,27 +268,30 @@ def read_metadata(path: str | Path) -> Dict[str, str]:
     return {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
 
 
-class OnnxDetector:
-    """Scores images with an exported model: onnxruntime + numpy, no PyTorch model.
+def _session(path: Path, providers: Optional[Sequence[str]]):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MoECLIPError("running an ONNX model needs onnxruntime: pip install 'moeclip[onnx]'") from None
+    if not path.is_file():
+        raise MoECLIPError(f"{path}: ONNX model not found")
+    try:
+        return ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise MoECLIPError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
 
-    ``deployment`` (or the one stored at export) supplies threshold and normalisation;
-    ``threshold``/``pixel_threshold`` override them.
+
+class OnnxRuntime:
+    """The pipeline runtime of an exported model: onnxruntime + numpy, no PyTorch.
+
+    Object, domain, image size and number of maps come from the model's metadata;
+    ``deployment`` (default: the one stored at export) supplies the post-processing.
     """
 
     def __init__(self, path: str | Path, deployment: Optional[Deployment] = None,
-                 threshold: Optional[float] = None, pixel_threshold: Optional[float] = None,
                  providers: Optional[Sequence[str]] = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise MoECLIPError("running an ONNX model needs onnxruntime: pip install 'moeclip[onnx]'") from None
         path = Path(path)
-        if not path.is_file():
-            raise MoECLIPError(f"{path}: ONNX model not found")
-        try:
-            self.session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise MoECLIPError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
+        self.session = _session(path, providers)
         meta = self.session.get_modelmeta().custom_metadata_map
         meta = {k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
         if meta.get("format") != "moeclip-onnx":
@@ -314,33 +302,58 @@ class OnnxDetector:
         self.domain = meta["domain"]
         self.image_size = int(meta["image_size"])
         self.num_maps = int(meta["num_maps"])
-        stored = Deployment.from_dict(json.loads(meta["deployment"]), f"{path} metadata") if "deployment" in meta else None
-        dep = deployment or stored
+        stored = None
+        if "deployment" in meta:
+            stored = Deployment.from_dict(json.loads(meta["deployment"]), f"{path} metadata")
         if deployment is not None and deployment.object != self.object:
             raise MoECLIPError(f"the deployment is for {deployment.object!r} but {path} was exported for "
                                f"{self.object!r}; export again with that deployment")
-        self.normalization = dep.normalization if dep else None
-        self.threshold = threshold if threshold is not None else (dep.threshold if dep else None)
-        self.pixel_threshold = pixel_threshold if pixel_threshold is not None else (dep.pixel_threshold if dep else None)
+        self.deployment = deployment or stored
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def post_processor(self, threshold: Optional[float] = None,
+                       pixel_threshold: Optional[float] = None) -> PostProcessor:
+        """The deployment's scoring (threshold and pixel threshold overridable), else uncalibrated."""
+        if self.deployment is not None:
+            return self.deployment.post_processor(self.num_maps, threshold, pixel_threshold, self.domain)
+        return PostProcessor(self.num_maps, self.domain, None, threshold, pixel_threshold)
 
     def run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
         """Preprocessed (B, 3, S, S) float32 -> every output of the graph by name."""
         outs = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
         return dict(zip(self.output_names, outs))
 
-    def predict(self, images: Sequence[Image.Image], batch_size: int = 8) -> List[OnnxPrediction]:
+    def raw(self, images: Sequence[Image.Image], object: Optional[str] = None,
+            domain: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """RGB PIL images -> (raw maps (B, S, S), raw image scores (B,)) for the exported object."""
+        if object not in (None, self.object) or domain not in (None, self.domain):
+            raise MoECLIPError(f"{self.path} was exported for {self.object!r} ({self.domain}); "
+                               f"export again for {object!r} ({domain})")
+        out = self.run(np.stack([preprocess(img, self.image_size) for img in images]))
+        return out["anomaly_map"].astype(np.float32), out["image_score"].astype(np.float32)
+
+
+class OnnxDetector(OnnxRuntime):
+    """An exported model with its post-processing: ``predict`` as :class:`~moeclip.inference.detector.Detector`.
+
+    ``threshold``/``pixel_threshold`` override the deployment's.
+    """
+
+    def __init__(self, path: str | Path, deployment: Optional[Deployment] = None,
+                 threshold: Optional[float] = None, pixel_threshold: Optional[float] = None,
+                 providers: Optional[Sequence[str]] = None):
+        super().__init__(path, deployment, providers)
+        self.post = self.post_processor(threshold, pixel_threshold)
+
+    normalization = property(lambda self: self.post.normalization)
+    threshold = property(lambda self: self.post.threshold)
+    pixel_threshold = property(lambda self: self.post.pixel_threshold)
+
+    def predict(self, images: Sequence[Image.Image], batch_size: int = 8) -> List[Prediction]:
         """Score RGB PIL images; maps come back at each image's own size."""
-        results: List[OnnxPrediction] = []
+        results: List[Prediction] = []
         images = list(images)
         for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            out = self.run(np.stack([preprocess(img, self.image_size) for img in chunk]))
-            for img, amap, raw in zip(chunk, out["anomaly_map"], out["image_score"]):
-                mmax = float(amap.max())
-                score = final_score(mmax, float(raw), self.domain, self.normalization, self.num_maps)
-                decision = None if self.threshold is None else bool(score >= self.threshold)
-                full = resize_map(amap, (img.height, img.width))
-                results.append(OnnxPrediction(full, float(raw), mmax, score, self.object, self.domain,
-                                              decision=decision))
+            for scored in score_images(self, self.post, images[start:start + batch_size], self.object):
+                results.append(Prediction.from_scored(scored, self.object, self.domain))
         return results

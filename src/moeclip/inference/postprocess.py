@@ -20,8 +20,8 @@ the map maximum and the raw image score once both are on one of those [0, 1] sca
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -120,25 +120,35 @@ def binary_mask(raw_map, pixel_threshold: float) -> np.ndarray:
     return ((np.asarray(raw_map) >= pixel_threshold) * 255).astype(np.uint8)
 
 
+def _axis_taps(n_out: int, n_in: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two source indices and the weight of the second for each output position (align_corners)."""
+    pos = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    lo = np.clip(np.floor(pos).astype(np.int64), 0, n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, (pos - lo).astype(np.float32)
+
+
 def resize_map(amap, size: Tuple[int, int]) -> np.ndarray:
-    """Bilinear resize with ``align_corners=True`` (as the official upsampling): (h, w) -> size."""
+    """Bilinear resize with ``align_corners=True`` (as the official upsampling): (h, w) -> size.
+
+    Two taps per axis, width then height (torch's order), with in-place products: a 518 px map
+    to 12 Mpx in about 0.3 s on one core and two output-sized buffers.
+    """
     amap = np.asarray(amap, dtype=np.float32)
     H, W = int(size[0]), int(size[1])
     if amap.shape == (H, W):
         return amap.copy()
-
-    def weights(n_out: int, n_in: int) -> np.ndarray:
-        pos = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
-        lo = np.clip(np.floor(pos).astype(np.int64), 0, n_in - 1)
-        hi = np.minimum(lo + 1, n_in - 1)
-        frac = (pos - lo).astype(np.float32)
-        m = np.zeros((n_out, n_in), dtype=np.float32)
-        rows = np.arange(n_out)
-        np.add.at(m, (rows, lo), 1.0 - frac)
-        np.add.at(m, (rows, hi), frac)
-        return m
-
-    return (weights(H, amap.shape[0]) @ amap @ weights(W, amap.shape[1]).T).astype(np.float32)
+    lo, hi, frac = _axis_taps(W, amap.shape[1])
+    cols = amap[:, lo] * (1 - frac)
+    cols += amap[:, hi] * frac
+    lo, hi, frac = _axis_taps(H, amap.shape[0])
+    frac = frac[:, None]
+    out = np.take(cols, lo, axis=0)
+    out *= 1 - frac
+    second = np.take(cols, hi, axis=0)
+    second *= frac
+    out += second
+    return out
 
 
 # ---------------------------------------------------------------------------- thresholds
@@ -202,6 +212,7 @@ class Scored:
     raw_score: float                 # (c_abnormal + 1) / 2
     score: float                     # final image score in [0, 1]
     decision: Optional[bool] = None  # score >= threshold, when a threshold is known
+    extra: Dict[str, Any] = field(default_factory=dict)  # per-image extras a runtime returned
 
 
 @dataclass
@@ -226,7 +237,12 @@ class PostProcessor:
         full = resize_map(raw_map, size) if size is not None else raw_map
         return Scored(full, map_max, float(raw_score), score, decide(score, self.threshold))
 
+    def with_domain(self, domain: "Domain | str") -> "PostProcessor":
+        """The same scoring under another domain's image-score rule (a per-request choice)."""
+        return replace(self, domain=Domain.parse(domain).value)
+
     def unit_map(self, raw_map) -> np.ndarray:
+        """Raw map -> [0, 1] on this post-processor's fixed scale (what heat maps colour)."""
         return unit_map(raw_map, self.normalization, self.num_maps)
 
     def mask(self, raw_map) -> Optional[np.ndarray]:

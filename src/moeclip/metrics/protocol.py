@@ -22,7 +22,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .aupro import aupro_from_sorted, as_map_stack, sorted_pixel_split
+from ..model.domain import Domain
+from .aupro import as_map_stack, aupro_from_sorted, sorted_pixel_split
 from .ranking import binarize, binary_curve_metrics, metrics_from_sorted
 
 __all__ = [
@@ -31,6 +32,9 @@ __all__ = [
     "ClassAccumulator",
     "average_results",
     "evaluate_class",
+    "final_image_scores_",
+    "minmax_scale",
+    "apply_minmax_",
     "official_round",
     "to_official",
 ]
@@ -61,23 +65,20 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _is_industrial(domain: str) -> bool:
-    """'industrial' / 'medical', any case; anything else is an error, not a silent default."""
-    d = str(domain).lower()
-    if d not in ("industrial", "medical"):
-        raise ValueError(f"domain must be 'industrial' or 'medical', got {domain!r}")
-    return d == "industrial"
+def minmax_scale(a: np.ndarray, lo: Any = None, hi: Any = None) -> tuple[Any, Any] | None:
+    """The official rule's min-max: (min, max - min) if the range leaves [0, 1], else None.
 
-
-def _minmax_scale(a: np.ndarray) -> tuple[Any, Any] | None:
-    """(min, max - min) in the array's dtype if ``a`` leaves [0, 1], else None."""
-    lo, hi = a.min(), a.max()
+    ``lo``/``hi`` default to the array's own range, in its dtype (a class's stored maps);
+    give them when only part of the class is at hand (e.g. per-image maxima in a report).
+    """
+    lo = a.min() if lo is None else lo
+    hi = a.max() if hi is None else hi
     if hi > 1 or lo < 0:
         return lo, hi - lo
     return None
 
 
-def _apply_minmax_(a: np.ndarray, scale: tuple[Any, Any]) -> np.ndarray:
+def apply_minmax_(a: np.ndarray, scale: tuple[Any, Any]) -> np.ndarray:
     """In place ``(a - lo) / span`` as the official code computes it; constant -> 0."""
     lo, span = scale
     if span == 0:
@@ -86,6 +87,22 @@ def _apply_minmax_(a: np.ndarray, scale: tuple[Any, Any]) -> np.ndarray:
         np.subtract(a, lo, out=a)
         np.divide(a, span, out=a)
     return a
+
+
+def final_image_scores_(image_scores: np.ndarray, map_max: np.ndarray, domain: "Domain | str",
+                       map_scale: tuple[Any, Any] | None) -> np.ndarray:
+    """The per-image score the image metrics rank, modifying both inputs in place.
+
+    ``map_max``: each image's raw map maximum, normalised with the class's pixel ``map_scale``
+    (:func:`minmax_scale` of all its maps, None inside [0, 1]); the raw image scores are min-max
+    normalised when they leave [0, 1]; then the domain's rule (:meth:`Domain.combine`).
+    """
+    if map_scale is not None:
+        apply_minmax_(map_max, map_scale)
+    image_scale = minmax_scale(image_scores)
+    if image_scale is not None:
+        apply_minmax_(image_scores, image_scale)
+    return Domain.parse(domain).combine(map_max, image_scores)
 
 
 def official_round(x: float | None) -> float | None:
@@ -115,7 +132,7 @@ def evaluate_class(
     Pixel metrics are None without pixel ground truth; image metrics are None
     when all images share one label.
     """
-    industrial = _is_industrial(domain)
+    rule = Domain.parse(domain)
     maps = as_map_stack(_to_numpy(pixel_scores))
     if not np.issubdtype(maps.dtype, np.floating):
         maps = maps.astype(np.float64)
@@ -128,14 +145,8 @@ def evaluate_class(
     if n == 0:
         raise ValueError("no images to evaluate")
 
-    pixel_scale = _minmax_scale(maps)
-    pmax = maps.max(axis=(1, 2))
-    if pixel_scale is not None:
-        _apply_minmax_(pmax, pixel_scale)
-    image_scale = _minmax_scale(img)
-    if image_scale is not None:
-        _apply_minmax_(img, image_scale)
-    final = pmax * 0.5 + img * 0.5 if industrial else pmax
+    pixel_scale = minmax_scale(maps)
+    final = final_image_scores_(img, maps.max(axis=(1, 2)), rule, pixel_scale)
     image = binary_curve_metrics(final, y)
 
     pixel = {"auroc": None, "ap": None, "f1_max": None}
@@ -146,8 +157,8 @@ def evaluate_class(
             raise ValueError(f"masks {gt.shape} and maps {maps.shape} differ in shape")
         pos, weights, neg = sorted_pixel_split(maps, gt)
         if pixel_scale is not None:
-            _apply_minmax_(pos, pixel_scale)
-            _apply_minmax_(neg, pixel_scale)
+            apply_minmax_(pos, pixel_scale)
+            apply_minmax_(neg, pixel_scale)
         pixel = metrics_from_sorted(pos, neg)
         pixel_aupro = aupro_from_sorted(pos, weights, neg, fpr_limit)
         del pos, weights, neg
@@ -199,7 +210,7 @@ class ClassAccumulator:
         has_pixel_gt: bool = True,
         fpr_limit: float = 0.3,
     ) -> None:
-        _is_industrial(domain)
+        Domain.parse(domain)
         self.domain = domain
         self.has_pixel_gt = has_pixel_gt
         self.fpr_limit = fpr_limit

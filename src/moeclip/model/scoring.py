@@ -68,11 +68,6 @@ def image_score(det_feature: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return (c[:, 1] + 1) / 2
 
 
-def final_image_score(map_max: torch.Tensor, raw_score: torch.Tensor, domain: "Domain | str") -> torch.Tensor:
-    """Image-level decision score once maps and scores are normalised to [0, 1] (see :meth:`Domain.combine`)."""
-    return Domain.parse(domain).combine(map_max, raw_score)
-
-
 def segmentation_probs(features: torch.Tensor, text: torch.Tensor, grid: Tuple[int, int],
                        out_size: Tuple[int, int]) -> torch.Tensor:
     """Training path: softmax over [normal, abnormal] of the upsampled logits: (B, 2, H, W)."""

@@ -15,20 +15,20 @@ distinct descriptions, so a client cannot grow memory without limit.
 """
 # no "from __future__ import annotations": FastAPI must see the real types of the endpoint
 # parameters, which are imported inside create_app (FastAPI is an optional dependency).
-import base64
 import io
 import threading
 import time
-from dataclasses import asdict, is_dataclass
 from importlib import resources
 from typing import Any, Dict, Optional
 
 from PIL import Image
 
 from ... import __version__
-from ..deploy import (Deployment, heatmap_rgb, mask_image, overlay, png_bytes, resize_map, unit_map)
 from ...errors import MoECLIPError
 from ...model.prompts import GENERIC_OBJECT
+from ..deploy import Deployment
+from ..postprocess import resize_map
+from ..render import data_url, heatmap_rgb, mask_image, overlay
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -71,10 +71,6 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
         raise ApiError(422, "invalid_image", f"cannot decode the image ({type(exc).__name__}: {exc})") from None
 
 
-def data_url(image: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
-
-
 def _page() -> str:
     return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -98,8 +94,7 @@ def create_app(detector, deployment: Optional[Deployment] = None, *, pixel_thres
 
     if pixel_threshold is None and deployment is not None:
         pixel_threshold = deployment.pixel_threshold
-    n = detector.normalization
-    normalization = asdict(n) if n is not None and is_dataclass(n) else None
+    post = detector.post_processor()
     lock = threading.Lock()
     seen_objects: set = set()
 
@@ -228,14 +223,14 @@ def create_app(detector, deployment: Optional[Deployment] = None, *, pixel_thres
             size = (max(1, round(pil.height * scale)), max(1, round(pil.width * scale)))
             shown = pil.resize((size[1], size[0]), Image.BILINEAR)
             amap = resize_map(amap, size)
-        unit = unit_map(amap, normalization, detector.num_maps)
+        unit = post.unit_map(amap)
         return {
             "score": pred.score, "raw_score": pred.raw_score, "map_max": pred.map_max,
             "decision": pred.decision, "threshold": detector.threshold, "object": text,
             "object_source": source, "domain": dom.value, "width": pil.width, "height": pil.height,
             "heatmap": data_url(Image.fromarray(heatmap_rgb(unit), mode="RGB")),
             "overlay": data_url(overlay(shown, unit)),
-            "mask": data_url(mask_image(amap, pixel_threshold)) if pixel_threshold is not None else None,
+            "mask": data_url(mask_image(amap >= pixel_threshold)) if pixel_threshold is not None else None,
             "elapsed_ms": round((time.perf_counter() - start) * 1000.0, 1),
         }
 
