@@ -188,7 +188,7 @@ def test_fusion_rule():
     assert r.score == pytest.approx(0.5 * m.max() + 0.5 * (0.3 + 0.4) / 2, rel=1e-6)
     assert (r.zero_shot_map_max, r.zero_shot_score, r.few_shot_map_max) == (18.0, 0.3, pytest.approx(0.4))
     assert fuse(zs, fs, 0.3, 12, "medical").score == pytest.approx(m.max(), rel=1e-6)
-    with pytest.raises(ValueError, match="reference weight"):
+    with pytest.raises(MoECLIPError, match="reference-weight"):
         fuse_maps(zs, fs, 12, 1.5)
 
 

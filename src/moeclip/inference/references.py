@@ -15,12 +15,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..data.imageio import load_image, to_pil_rgb
 from ..data.scanners import IMAGE_EXTENSIONS
 from ..data.transforms import preprocess_image
 from ..errors import MoECLIPError
 from ..model.fewshot import MemoryBank, build_bank
 from ..model.fusion import DEFAULT_REFERENCE_WEIGHT, check_weight
+from .pipeline import decode
 
 ImageLike = Union[str, Path, Any]
 
@@ -56,10 +56,10 @@ def load_references(images: Union[ImageLike, Sequence[ImageLike]]) -> Tuple[List
     for i, item in enumerate(images):
         if isinstance(item, (str, Path)):
             for p in expand_reference_paths(item):
-                pils.append(load_image(p))
+                pils.append(decode(p))
                 names.append(str(p))
         else:
-            pils.append(to_pil_rgb(item))
+            pils.append(decode(item))
             names.append(f"<image {i}>")
     if not pils:
         raise MoECLIPError("no reference images given")
@@ -191,3 +191,22 @@ class FewShotRuntime:
 
     def clear_cache(self) -> None:
         self.detector.model.text.clear_cache()
+
+
+def attach_references(detector, images, object: Optional[str] = None, *, bank_size: Optional[int] = None,
+                      fp16: bool = False, weight: Optional[float] = None, batch_size: int = 8,
+                      names: Optional[Sequence[str]] = None) -> MemoryBank:
+    """Build a bank for ``object`` (default: the detector's, else every object) and attach it to ``detector``."""
+    if detector.normalization is not None:
+        raise MoECLIPError("this detector's normalisation was calibrated zero-shot; few-shot scores are on another "
+                           "scale: use a checkpoint without a deployment file with references")
+    obj = object if object is not None else (detector.object or "")
+    bank = bank_from_images(detector.model, images, obj, image_size=detector.image_size,
+                            precision=detector.precision, bank_size=bank_size, fp16=fp16, batch_size=batch_size,
+                            names=names)
+    if detector.references is None:
+        detector.references = ReferenceBanks(weight=DEFAULT_REFERENCE_WEIGHT if weight is None else weight)
+    elif weight is not None:
+        detector.references.weight = check_weight(weight)
+    detector.references.add(bank)
+    return bank

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import MoECLIPError
 from .domain import Domain
 
 #: Default weight of the few-shot map in the fused map.
@@ -32,7 +33,7 @@ def zero_shot_probability(raw_map, num_maps: int) -> np.ndarray:
 def check_weight(weight: float) -> float:
     weight = float(weight)
     if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"reference weight must be in [0, 1], got {weight}")
+        raise MoECLIPError(f"--reference-weight must be in [0, 1], got {weight}")
     return weight
 
 

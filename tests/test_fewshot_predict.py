@@ -1,0 +1,111 @@
+"""Few-shot wherever users score images: Detector.with_references and ``moeclip predict --reference``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_checkpoint
+from PIL import Image
+
+from moeclip.cli import main
+from moeclip.data.transforms import preprocess_image
+from moeclip.inference.detector import Detector
+from moeclip.inference.postprocess import map_probability, resize_map
+from moeclip.model.checkpoint import load_model
+from moeclip.model.fewshot import build_bank, predict_with_bank
+from moeclip.model.fusion import fuse
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_clip_config, tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tiny_clip_config, tmp_path_factory.mktemp("ckpt") / "tiny", seed=4)
+
+
+def write_image(path: Path, h: int, w: int, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imgs")
+    for i in range(3):
+        write_image(root / "refs" / f"r{i}.png", 64, 64, 10 + i)
+    write_image(root / "test" / "screw" / "a.png", 48, 80, 1)
+    write_image(root / "test" / "nut" / "b.png", 64, 64, 2)
+    return root
+
+
+def test_detector_with_references_matches_the_fusion_rule(ckpt, files):
+    det = Detector.from_checkpoint(ckpt, device="cpu").with_references(files / "refs", object="screw", weight=0.3)
+    assert det.references.weight == 0.3 and det.references.get("screw").num_references == 3
+    img = files / "test" / "screw" / "a.png"
+    pred = det.predict([img], object="screw")[0]
+    # by hand: the model's two maps, then the fusion rule
+    model = load_model(ckpt)
+    refs = torch.stack([preprocess_image(Image.open(p).convert("RGB"), 64) for p in sorted((files / "refs").iterdir())])
+    bank = build_bank(model, refs, "screw")
+    x = preprocess_image(Image.open(img).convert("RGB"), 64)[None]
+    out = predict_with_bank(model, x, model.text_features("screw"), bank)
+    zs, fs, s = out["anomaly_map"][0].numpy(), out["few_shot_map"][0].numpy(), float(out["image_score"][0])
+    want = fuse(zs, fs, s, 12, "industrial", 0.3)
+    assert pred.score == pytest.approx(want.score, abs=1e-5)
+    assert pred.extra["references"] == 3
+    assert pred.extra["zero_shot_raw_score"] == pytest.approx(s, abs=1e-6)
+    assert pred.extra["few_shot_map_max"] == pytest.approx(want.few_shot_map_max, abs=1e-6)
+    assert pred.extra["zero_shot_map_max"] == pytest.approx(want.zero_shot_map_max, abs=1e-4)
+    # the map comes back on the raw scale: its probability is the fused map, at the image's size
+    assert pred.anomaly_map.shape == (48, 80)
+    np.testing.assert_allclose(map_probability(pred.anomaly_map, 12), resize_map(want.anomaly_map, (48, 80)),
+                               atol=2e-3)
+    assert float(map_probability(pred.map_max, 12)) == pytest.approx(want.map_max, abs=1e-5)
+    # another object has no bank: zero-shot, as a detector without references
+    plain = Detector.from_checkpoint(ckpt, device="cpu").predict([img], object="nut")[0]
+    other = det.predict([img], object="nut")[0]
+    assert other.extra["references"] == 0 and other.score == pytest.approx(plain.score, abs=1e-6)
+    # a reference scored against its own bank: a near-zero few-shot part
+    own = det.predict([files / "refs" / "r1.png"], object="screw")[0]
+    assert own.extra["few_shot_map_max"] < 1e-4
+
+
+def read_results(out: Path):
+    return {Path(r["path"]).name: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+
+
+def test_predict_reference_flags_and_results(ckpt, files, tmp_path):
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(ckpt), "--device", "cpu", str(files / "test"), "--out", str(out),
+                 "--object", "screw=a screw", "--reference", f"screw={files / 'refs' / '*.png'}",
+                 "--reference-weight", "0.3", "--bank-size", "100", "--bank-fp16"]) == 0
+    rows = read_results(out)
+    assert rows["a.png"]["references"] == 3 and rows["b.png"]["references"] == 0
+    for key in ("raw_score", "zero_shot_raw_score", "zero_shot_map_max", "zero_shot_score", "few_shot_map_max"):
+        assert key in rows["a.png"]
+    assert "few_shot_map_max" not in rows["b.png"]
+    det = Detector.from_checkpoint(ckpt, device="cpu").with_references(
+        files / "refs", object="a screw", weight=0.3, bank_size=100, fp16=True)
+    want = det.predict([files / "test" / "screw" / "a.png"], object="a screw")[0]
+    assert rows["a.png"]["score"] == pytest.approx(want.score, abs=1e-5)
+    raw = np.load(out / "maps" / "a.npy")
+    np.testing.assert_allclose(raw, want.anomaly_map, atol=1e-4)
+    # one folder of references for every image
+    out2 = tmp_path / "out2"
+    assert main(["predict", "--checkpoint", str(ckpt), "--device", "cpu", str(files / "test"), "--out", str(out2),
+                 "--reference", str(files / "refs")]) == 0
+    assert {r["references"] for r in read_results(out2).values()} == {3}
+
+
+def test_predict_reference_errors(ckpt, files, tmp_path, capsys):
+    base = ["predict", "--checkpoint", str(ckpt), "--device", "cpu", str(files / "test")]
+    assert main(base + ["--out", str(tmp_path / "a"), "--reference", f"bolt={files / 'refs'}"]) == 2
+    assert "no --object bolt=DESC" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "b"), "--reference", str(files / "nothing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "c"), "--reference", str(files / "refs"),
+                        "--reference-weight", "2"]) == 2
+    assert "--reference-weight must be in [0, 1]" in capsys.readouterr().err
