@@ -1,6 +1,7 @@
 """Few-shot wherever users score images: Detector.with_references and ``moeclip predict --reference``."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -109,3 +110,45 @@ def test_predict_reference_errors(ckpt, files, tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "c"), "--reference", str(files / "refs"),
                         "--reference-weight", "2"]) == 2
     assert "--reference-weight must be in [0, 1]" in capsys.readouterr().err
+
+
+def png_bytes(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_serve_references(ckpt, files):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("multipart")
+    from fastapi.testclient import TestClient
+
+    from moeclip.inference.serve import create_app
+
+    det = Detector.from_checkpoint(ckpt, device="cpu")
+    with TestClient(create_app(det, max_upload_bytes=200_000)) as c:
+        assert c.get("/references").json() == {"weight": None, "objects": []}
+        test_img = png_bytes(3)
+        before = c.post("/predict", files={"image": ("t.png", test_img, "image/png")}, data={"object": "nut"}).json()
+        assert before["references"] == 0 and before["few_shot_map_max"] is None
+        refs = [("images", (f"r{i}.png", png_bytes(20 + i), "image/png")) for i in range(2)]
+        r = c.post("/references", files=refs, data={"object": "nut"})
+        assert r.status_code == 200, r.text
+        assert r.json()["references"] == 2 and r.json()["objects"][0]["object"] == "nut"
+        after = c.post("/predict", files={"image": ("t.png", test_img, "image/png")}, data={"object": "nut"}).json()
+        assert after["references"] == 2 and after["zero_shot_score"] == pytest.approx(before["score"], abs=1e-5)
+        # the same as the Python API with the same references
+        want = Detector.from_checkpoint(ckpt, device="cpu").with_references(
+            [Image.open(io.BytesIO(png_bytes(20 + i))) for i in range(2)], object="nut")
+        assert after["score"] == pytest.approx(
+            want.predict([Image.open(io.BytesIO(test_img))], object="nut")[0].score, abs=1e-5)
+        # a reference scores (near) zero on the few-shot part; other objects stay zero-shot
+        own = c.post("/predict", files={"image": ("r.png", png_bytes(21), "image/png")}, data={"object": "nut"}).json()
+        assert own["few_shot_map_max"] < 1e-4
+        other = c.post("/predict", files={"image": ("t.png", test_img, "image/png")}, data={"object": "bolt"}).json()
+        assert other["references"] == 0
+        # bad uploads: as for /predict
+        bad = c.post("/references", files=[("images", ("x.txt", b"hello", "text/plain"))], data={"object": "nut"})
+        assert bad.status_code == 415 and "x.txt" in bad.json()["detail"]
+        listing = c.get("/references").json()
+        assert listing["weight"] == 0.5 and [o["references"] for o in listing["objects"]] == [2]

@@ -71,6 +71,10 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
         raise ApiError(422, "invalid_image", f"cannot decode the image ({type(exc).__name__}: {exc})") from None
 
 
+def _opt_float(value) -> Optional[float]:
+    return None if value is None else float(value)
+
+
 def _page() -> str:
     return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -112,6 +116,9 @@ def create_app(detector, deployment: Optional[Deployment] = None, *, pixel_thres
         heatmap: str = Field(description="PNG data URL of the heat map")
         overlay: str = Field(description="PNG data URL of the heat map over the image")
         mask: Optional[str] = Field(None, description="PNG data URL of the binary mask (with a pixel threshold)")
+        references: int = Field(0, description="normal references of this object used (few-shot); 0: zero-shot")
+        zero_shot_score: Optional[float] = Field(None, description="few-shot: the zero-shot image score alone")
+        few_shot_map_max: Optional[float] = Field(None, description="few-shot: maximum of the few-shot map")
         elapsed_ms: float
 
     class Health(BaseModel):
@@ -231,8 +238,15 @@ def create_app(detector, deployment: Optional[Deployment] = None, *, pixel_thres
             "heatmap": data_url(Image.fromarray(heatmap_rgb(unit), mode="RGB")),
             "overlay": data_url(overlay(shown, unit)),
             "mask": data_url(mask_image(amap >= pixel_threshold)) if pixel_threshold is not None else None,
+            "references": int(pred.extra.get("references", 0)),
+            "zero_shot_score": _opt_float(pred.extra.get("zero_shot_score")),
+            "few_shot_map_max": _opt_float(pred.extra.get("few_shot_map_max")),
             "elapsed_ms": round((time.perf_counter() - start) * 1000.0, 1),
         }
+
+    from .references import add_reference_routes
+
+    add_reference_routes(app, detector, lock, ApiError, CONTENT_TYPES, decode_upload, max_upload_bytes, max_pixels)
 
     app.state.detector = detector
     app.state.lock = lock
