@@ -152,3 +152,46 @@ def test_serve_references(ckpt, files):
         assert bad.status_code == 415 and "x.txt" in bad.json()["detail"]
         listing = c.get("/references").json()
         assert listing["weight"] == 0.5 and [o["references"] for o in listing["objects"]] == [2]
+
+
+def test_calibrate_leave_one_out_then_predict_with_the_deployment(ckpt, files, tmp_path):
+    from moeclip.inference.deploy import Deployment
+    from moeclip.inference.references import FusedScorer, bank_from_images, load_references
+
+    refs = sorted((files / "refs").iterdir())
+    # the scorer, leave-one-out: each image against a bank of the other images only
+    det = Detector.from_checkpoint(ckpt, device="cpu")
+    pils, names = load_references([str(p) for p in refs])
+    full = bank_from_images(det.model, pils, "screw", names=names)
+    batch = torch.stack([preprocess_image(p, 64) for p in pils])
+    maps, scores = FusedScorer(det, full, 0.5, leave_one_out=True)(names, batch, "screw", "industrial")
+    for i in range(3):
+        others = [p for j, p in enumerate(refs) if j != i]
+        want = Detector.from_checkpoint(ckpt, device="cpu").with_references(others, object="screw")
+        raw = want.runtime().raw([pils[i]], "screw", "industrial")
+        np.testing.assert_allclose(maps[i].numpy(), raw[0][0], atol=1e-5)
+        assert float(scores[i]) == pytest.approx(float(raw[1][0]), abs=1e-6)
+        assert raw[2]["few_shot_map_max"][0] > 1e-3  # not compared with itself
+    # the CLI: deployment + bank beside it; predict --deploy then scores few-shot
+    dep_path = tmp_path / "deploy.json"
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--device", "cpu", "--normal", str(files / "refs"),
+                 "--object", "screw", "--reference", "--out", str(dep_path)]) == 0
+    dep = Deployment.load(dep_path)
+    assert Path(dep.references).name == "deploy.bank.safetensors" and Path(dep.references).is_file()
+    assert dep.calibration["few_shot"]["leave_one_out"] is True and dep.calibration["few_shot"]["references"] == 3
+    assert dep.calibration["observed"]["map_max"] == pytest.approx(float(maps.amax()), abs=1e-5)
+    out = tmp_path / "preds"
+    assert main(["predict", "--deploy", str(dep_path), "--device", "cpu", str(files / "test" / "screw"),
+                 "--out", str(out)]) == 0
+    row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert row["references"] == 3 and "decision" in row
+    deployed = dep.detector(device="cpu")
+    want = deployed.predict([files / "test" / "screw" / "a.png"], object="screw")[0]
+    assert row["score"] == pytest.approx(want.score, abs=1e-6) and want.extra["references"] == 3
+    # separate reference images (not leave-one-out)
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--device", "cpu", "--normal", str(files / "test"),
+                 "--object", "screw", "--reference", str(files / "refs"), "--bank-size", "50",
+                 "--out", str(tmp_path / "d2.json")]) == 0
+    d2 = Deployment.load(tmp_path / "d2.json")
+    assert d2.calibration["few_shot"] == {"references": 3, "leave_one_out": False, "bank_size": 50,
+                                          "bank_fp16": False}

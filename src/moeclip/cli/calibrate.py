@@ -57,6 +57,15 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="deploy.json", help="deployment file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--batch-size", type=int, default=8)
+    fs = p.add_argument_group("few-shot (see README 'Few-shot')")
+    fs.add_argument("--reference", nargs="*", metavar="IMAGE|FOLDER|GLOB",
+                    help="normal reference images: their memory bank is written beside --out and used by "
+                         "predict/serve --deploy; without a value, the --normal images themselves, each "
+                         "scored leave-one-out (never against its own patches)")
+    fs.add_argument("--reference-weight", type=float, default=0.5, metavar="W",
+                    help="weight of the few-shot map in the fused map (default 0.5)")
+    fs.add_argument("--bank-size", type=int, metavar="N", help="greedy-coreset subsample of each map's bank")
+    fs.add_argument("--bank-fp16", action="store_true", help="store the memory bank in fp16")
     add_model_args(p, checkpoint_required=True)
     p.set_defaults(func=run)
 
@@ -87,7 +96,8 @@ def _labelled_items(args) -> Tuple[List[Tuple[Path, int, Optional[str]]], Option
     return items, describe(spec, cls), (spec.domain if spec else None)
 
 
-def _collect(detector, items, obj: str, domain: str, batch_size: int, orient: bool) -> Dict[str, np.ndarray]:
+def _collect(detector, items, obj: str, domain: str, batch_size: int, orient: bool,
+             scorer=None) -> Dict[str, np.ndarray]:
     """Run the model: per-image raw score, map min/max, and downsized maps (and masks) for pixel statistics.
 
     ``orient``: user photos (``--normal``) are read as ``predict`` reads them (EXIF applied);
@@ -117,7 +127,11 @@ def _collect(detector, items, obj: str, domain: str, batch_size: int, orient: bo
         bar.update(len(chunk))
         if not tensors:
             continue
-        out = detector.predict_tensors(torch.stack(tensors), obj, domain)
+        if scorer is not None:  # few-shot: fused maps and scores on the raw scales
+            maps, scores = scorer([str(p) for p, _, _ in kept], torch.stack(tensors), obj, domain)
+            out = {"anomaly_map": maps, "image_score": scores}
+        else:
+            out = detector.predict_tensors(torch.stack(tensors), obj, domain)
         maps = out["anomaly_map"]
         down = F.interpolate(maps[:, None], size=(r, r), mode="bilinear", align_corners=True)[:, 0]
         raw.extend(out["image_score"].cpu().tolist())
@@ -168,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
     obj = args.object or description or GENERIC_OBJECT
     domain = args.domain or data_domain or "industrial"
     detector = detector_from_args(args, domain=domain, object=obj)
-    stats = _collect(detector, items, obj, domain, args.batch_size, orient=bool(args.normal))
+    scorer, bank = _few_shot(args, detector, items, obj)
+    stats = _collect(detector, items, obj, domain, args.batch_size, orient=bool(args.normal), scorer=scorer)
     labels = stats["labels"]
     if criterion == "f1" and (labels.min() == labels.max()):
         raise MoECLIPError("F1 calibration needs normal and anomalous images; use --criterion fpr "
@@ -212,9 +227,41 @@ def run(args: argparse.Namespace) -> int:
     dep = Deployment(object=obj, domain=domain, threshold=threshold, pixel_threshold=float(pixel_threshold),
                      normalization=norm.to_dict(), checkpoint=checkpoint,
                      model_options=absolute_options(model_options(args)), calibration=calibration)
+    if bank is not None:
+        bank_path = out_path.with_name(out_path.stem + ".bank.safetensors")
+        bank.save(bank_path, overwrite=args.overwrite)
+        dep.references, dep.reference_weight = bank_path.name, args.reference_weight
+        calibration["few_shot"] = {"references": bank.num_references, "leave_one_out": not args.reference,
+                                   "bank_size": args.bank_size, "bank_fp16": args.bank_fp16}
     dep.save(out_path, overwrite=args.overwrite)
     fpr = calibration["image"]["fpr"]
     tpr = calibration["image"]["tpr"]
     print(f"{labels.size} image(s) of {obj!r}: threshold {threshold:.6g} ({criterion}; FPR {fpr}"
           + (f", TPR {tpr}" if tpr is not None else "") + f"), pixel threshold {pixel_threshold:.6g} -> {out_path}")
     return 0
+
+
+def _few_shot(args, detector, items, obj: str):
+    """(scorer for _collect, the bank to save) with --reference; (None, None) without."""
+    if args.reference is None:
+        return None, None
+    from ..inference.references import FusedScorer, bank_from_images, load_references
+    from ..model.fusion import check_weight
+
+    check_weight(args.reference_weight)
+    if args.reference:
+        pils, names = load_references(args.reference)
+        loo = False
+    else:
+        if not args.normal:
+            raise MoECLIPError("--reference without images uses the --normal images (leave-one-out); "
+                               "with --data give reference images")
+        pils, names = load_references([p for p, _, _ in items])
+        loo = True
+    common = dict(image_size=detector.image_size, precision=detector.precision, names=names)
+    full = bank_from_images(detector.model, pils, obj, **common)
+    saved = full
+    if args.bank_size is not None or args.bank_fp16:
+        saved = bank_from_images(detector.model, pils, obj, bank_size=args.bank_size, fp16=args.bank_fp16, **common)
+    # leave-one-out drops one image's rows from the full bank; otherwise score with the bank as saved
+    return FusedScorer(detector, full if loo else saved, args.reference_weight, leave_one_out=loo), saved

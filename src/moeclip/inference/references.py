@@ -210,3 +210,49 @@ def attach_references(detector, images, object: Optional[str] = None, *, bank_si
         detector.references.weight = check_weight(weight)
     detector.references.add(bank)
     return bank
+
+
+class FusedScorer:
+    """Preprocessed batches -> fused raw maps and scores against one bank (``moeclip calibrate``).
+
+    ``leave_one_out``: the bank was built from the very images being scored (in ``bank.references``
+    order, before any coreset); each image is scored against the bank without its own patches, so
+    a reference is never compared with itself.
+    """
+
+    def __init__(self, detector, bank: MemoryBank, weight: float = DEFAULT_REFERENCE_WEIGHT,
+                 leave_one_out: bool = False):
+        self.detector, self.weight, self.leave_one_out = detector, check_weight(weight), leave_one_out
+        self.bank = bank.to(detector.device)
+        if leave_one_out and bank.num_references < 2:
+            raise MoECLIPError("leave-one-out needs at least 2 normal images")
+
+    def _bank_without(self, name: str) -> MemoryBank:
+        try:
+            i = self.bank.references.index(name)
+        except ValueError:
+            return self.bank
+        L = self.bank.grid[0] * self.bank.grid[1]
+        feats = [torch.cat([f[:i * L], f[(i + 1) * L:]]) for f in self.bank.features]
+        return MemoryBank(feats, self.bank.object, self.bank.num_references - 1, self.bank.image_size,
+                          self.bank.grid, self.bank.fingerprint)
+
+    def __call__(self, names: Sequence[str], batch: torch.Tensor, object: str, domain: str):
+        """(fused raw maps (B, S, S), scores (B,)) as float32 tensors on the CPU."""
+        from ..model.fewshot import predict_with_bank
+        from ..model.fusion import fused_raw
+        from ..precision import autocast
+
+        det = self.detector
+        text = det.text_features(object)
+        parts = []
+        groups = [[i] for i in range(len(names))] if self.leave_one_out else [list(range(len(names)))]
+        for idx in groups:
+            bank = self._bank_without(str(names[idx[0]])) if self.leave_one_out else self.bank
+            with torch.inference_mode(), autocast(det.device, det.precision):
+                out = predict_with_bank(det.model, batch[idx].to(det.device), text, bank, domain)
+            parts.append(fused_raw(out["anomaly_map"].cpu().numpy(), out["few_shot_map"].cpu().numpy(),
+                                   out["image_score"].cpu().numpy(), det.num_maps, self.weight))
+        maps = np.concatenate([m for m, _ in parts])
+        scores = np.concatenate([s for _, s in parts])
+        return torch.from_numpy(maps), torch.from_numpy(scores)
