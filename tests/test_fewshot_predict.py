@@ -195,3 +195,33 @@ def test_calibrate_leave_one_out_then_predict_with_the_deployment(ckpt, files, t
     d2 = Deployment.load(tmp_path / "d2.json")
     assert d2.calibration["few_shot"] == {"references": 3, "leave_one_out": False, "bank_size": 50,
                                           "bank_fp16": False}
+
+
+def test_onnx_export_bakes_the_bank_in(ckpt, files, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from moeclip.inference.onnx import OnnxRuntime, compare_onnx, read_metadata
+
+    dep_path = tmp_path / "deploy.json"
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--device", "cpu", "--normal", str(files / "refs"),
+                 "--object", "screw", "--reference", "--out", str(dep_path)]) == 0
+    model_path = tmp_path / "m.onnx"
+    assert main(["export", "onnx", "--deploy", str(dep_path), "--out", str(model_path), "--exporter",
+                 "torchscript"]) == 0
+    from moeclip.inference.deploy import Deployment
+
+    det = Deployment.load(dep_path).detector(device="cpu")
+    diffs = compare_onnx(det, model_path)
+    assert diffs["anomaly_map"] < 1e-4 and diffs["image_score"] < 1e-5
+    rt = OnnxRuntime(model_path)
+    assert read_metadata(model_path)["references"] == "3"
+    img = Image.open(files / "test" / "screw" / "a.png").convert("RGB")
+    onnx_maps, onnx_scores = rt.raw([img])[:2]
+    torch_maps, torch_scores = det.runtime().raw([img], "screw", "industrial")[:2]
+    assert np.abs(onnx_maps - torch_maps).max() < 1e-4 and np.abs(onnx_scores - torch_scores).max() < 1e-5
+    # predict --onnx and predict --deploy give the same results
+    for flag, path, out in (("--onnx", model_path, "po"), ("--deploy", dep_path, "pd")):
+        assert main(["predict", flag, str(path), str(files / "test" / "screw"), "--out", str(tmp_path / out)]) == 0
+    a = json.loads((tmp_path / "po" / "results.jsonl").read_text().splitlines()[0])
+    b = json.loads((tmp_path / "pd" / "results.jsonl").read_text().splitlines()[0])
+    assert a["score"] == pytest.approx(b["score"], abs=1e-5)
