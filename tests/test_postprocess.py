@@ -245,3 +245,22 @@ def test_score_images_passes_runtime_extras_and_decodes_uploads():
     assert [g.extra["fewshot_max"] for g in got] == pytest.approx(list(maps.max(axis=(1, 2)) + 1))
     assert [g.anomaly_map.shape for g in got] == [(10, 20), (12, 30)]
     assert Prediction.from_scored(got[1], "object", "industrial").extra == got[1].extra
+
+
+def test_old_names_forward_or_name_their_replacement():
+    import moeclip.inference.deploy as deploy
+    import moeclip.model.scoring as scoring
+    from moeclip.inference import render
+
+    with pytest.warns(DeprecationWarning, match="postprocess.fpr_threshold"):
+        assert deploy.fpr_threshold is pp.fpr_threshold
+    with pytest.warns(DeprecationWarning, match="load_deployment_detector"):
+        assert deploy.load_detector is deploy.load_deployment_detector
+    with pytest.warns(DeprecationWarning):
+        assert deploy.overlay is render.overlay
+    with pytest.raises(AttributeError, match="Normalization.fit"):
+        deploy.fit_normalization
+    with pytest.raises(AttributeError, match="Domain.parse"):
+        scoring.final_image_score
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        deploy.nothing

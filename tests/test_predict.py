@@ -189,3 +189,33 @@ def test_official_checkpoint_matches_golden(golden_dir, tmp_path):
         np.testing.assert_allclose(np.load(out / r["map"]), ref["anomaly_map"][i].numpy(), atol=1e-5, rtol=0)
         assert r["raw_score"] == pytest.approx(float(ref["image_score"][i]), abs=1e-6)
         assert r["object"] == obj
+
+
+def test_exif_orientation_and_gif(tiny_ckpt, detector, tmp_path):
+    """A phone photo (EXIF orientation 6) is scored and reported as a viewer shows it; a GIF in a folder
+    is read too. Dataset loading keeps the raw pixels (masks are not rotated)."""
+    from PIL import ImageOps
+
+    from moeclip.data.imageio import load_image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rng = np.random.default_rng(9)
+    Image.fromarray(rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(folder / "phone.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(folder / "anim.gif")
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(tiny_ckpt), "--device", "cpu", str(folder), "--out", str(out)]) == 0
+    rows = {Path(r["path"]).name: r for r in read_results(out)}
+    phone = rows["phone.jpg"]
+    assert (phone["width"], phone["height"]) == (40, 70)  # rotated: stored 70 wide, 40 high
+    assert np.load(out / phone["map"]).shape == (70, 40)
+    assert Image.open(out / phone["overlay"]).size == (40, 70)
+    shown = ImageOps.exif_transpose(Image.open(folder / "phone.jpg")).convert("RGB")
+    ref = detector.predict([shown])[0]
+    assert phone["score"] == pytest.approx(ref.score, abs=1e-6)
+    via_path = detector.predict([str(folder / "phone.jpg")])[0]  # the Python API with a path
+    assert via_path.anomaly_map.shape == (70, 40) and via_path.score == pytest.approx(ref.score, abs=1e-6)
+    assert (rows["anim.gif"]["width"], rows["anim.gif"]["height"]) == (30, 20)
+    assert load_image(folder / "phone.jpg").size == (70, 40)  # datasets: raw pixels, aligned with masks

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import shutil
 import socket
@@ -117,7 +118,7 @@ def test_default_object_jpeg_and_medical(client):
     ("missing", 422, "invalid_request"),
     ("text", 415, "unsupported_media_type"),
     ("corrupt", 422, "invalid_image"),
-    ("gif", 415, "unsupported_image"),
+    ("ppm", 415, "unsupported_image"),
     ("empty", 422, "empty_file"),
     ("large_file", 413, "file_too_large"),
     ("many_pixels", 413, "too_many_pixels"),
@@ -132,8 +133,8 @@ def test_bad_uploads(client, case, status, code):
         r = post(client, b"hello", ctype="text/plain")
     elif case == "corrupt":
         r = post(client, png()[:60])
-    elif case == "gif":
-        r = post(client, png(fmt="GIF"))  # labelled PNG, decoded as GIF: not an accepted decoder
+    elif case == "ppm":
+        r = post(client, png(fmt="PPM"))  # labelled PNG; Pillow reads PPM, but predict's formats exclude it
     elif case == "empty":
         r = post(client, b"")
     elif case == "large_file":
@@ -181,10 +182,89 @@ def test_serve_command_builds_app_from_deploy(deployment, tmp_path):
         assert post(c, png(100, 100)).status_code == 413
 
 
+def exif_jpeg(h=48, w=80, orientation=6, seed=0) -> bytes:
+    """A JPEG stored h x w whose EXIF orientation tag says: show it rotated (6: 90 degrees clockwise)."""
+    a = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", exif=exif)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, ctype", [("WEBP", "image/webp"), ("TIFF", "application/octet-stream"),
+                                        ("GIF", "image/gif"), ("BMP", "")])
+def test_accepts_every_format_predict_reads(client, fmt, ctype):
+    """curl sends WebP/TIFF as application/octet-stream: the decoder, not the label, decides."""
+    r = post(client, png(fmt=fmt), ctype=ctype)
+    assert r.status_code == 200, r.text
+    assert (r.json()["width"], r.json()["height"]) == (80, 48)
+
+
+def test_exif_orientation_is_applied(client, detector):
+    data = exif_jpeg()
+    r = post(client, data, ctype="image/jpeg", object="hex nut")
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert (j["width"], j["height"]) == (48, 80)  # as a viewer shows it: rotated
+    assert decode_data_url(j["overlay"]).size == (38, 64)
+    from PIL import ImageOps
+
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    ref = detector.predict([shown], object="hex nut")[0]
+    assert j["score"] == pytest.approx(ref.score, abs=1e-6)
+    assert ref.anomaly_map.shape == (80, 48)
+    # the Python API reads the same photo (PIL with its EXIF) the same way
+    direct = detector.predict([Image.open(io.BytesIO(data))], object="hex nut")[0]
+    assert direct.score == ref.score and direct.anomaly_map.shape == (80, 48)
+
+
+@pytest.fixture(scope="module")
+def locked(detector, deployment):
+    with TestClient(create_app(detector, deployment, api_key="s3cret-key")) as c:
+        yield c
+
+
+def test_api_key_required_on_predict(locked):
+    h = locked.get("/health")
+    assert h.status_code == 200 and h.json()["auth"] is True  # /health stays open
+    assert locked.get("/").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-key"}):
+        r = locked.post("/predict", files={"image": ("x.png", png(), "image/png")}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized" and r.json()["detail"]
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    r = locked.post("/predict", files={"image": ("x.png", png(), "image/png")},
+                    headers={"Authorization": "Bearer s3cret-key"})
+    assert r.status_code == 200, r.text
+
+
+def test_serve_command_api_key_from_environment(deployment, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from moeclip.cli import serve
+
+    path = deployment.save(tmp_path / "deploy.json")
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    monkeypatch.setenv("MOECLIP_API_KEY", "from-env")
+    args = parser.parse_args(["serve", "--deploy", str(path), "--device", "cpu"])
+    assert serve.api_key(args) == "from-env"
+    with TestClient(serve.build_app(args)) as c:
+        assert c.get("/health").json()["auth"] is True
+        assert post(c, png()).status_code == 401
+        ok = c.post("/predict", files={"image": ("x.png", png(), "image/png")},
+                    headers={"Authorization": "Bearer from-env"})
+        assert ok.status_code == 200
+    flag = parser.parse_args(["serve", "--deploy", str(path), "--api-key", "flag-key"])
+    assert serve.api_key(flag) == "flag-key"  # the flag wins over the environment
+    monkeypatch.delenv("MOECLIP_API_KEY")
+    assert serve.api_key(parser.parse_args(["serve", "--deploy", str(path)])) is None
+
+
 def test_concurrent_requests_are_serialised(client, detector):
     active, peak = [0], [0]
     guard = threading.Lock()
-    original = detector.predict
+    original = detector.predict_tensors  # the model call behind the service's runtime
 
     def spy(*args, **kwargs):
         with guard:
@@ -197,13 +277,13 @@ def test_concurrent_requests_are_serialised(client, detector):
             with guard:
                 active[0] -= 1
 
-    detector.predict = spy
+    detector.predict_tensors = spy
     try:
         data = png(seed=5)
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda o: post(client, data, object=o), ["nut", "bolt", "nut", "bolt"]))
     finally:
-        del detector.predict
+        del detector.predict_tensors
     assert all(r.status_code == 200 for r in results)
     assert results[0].json()["score"] == results[2].json()["score"]
     assert peak[0] == 1
@@ -216,14 +296,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_page_in_browser(detector, deployment, tmp_path):
-    """Upload an image on the page, read the score, take a screenshot (needs chromium + playwright)."""
+@pytest.fixture()
+def browser_page():
+    """A headless chromium page (needs chromium + playwright)."""
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
-    uvicorn = pytest.importorskip("uvicorn")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+                                    args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
 
-    app = create_app(detector, deployment)
+
+@contextlib.contextmanager
+def running(app):
+    """``app`` served by uvicorn on a free port in a thread; yields the base URL."""
+    uvicorn = pytest.importorskip("uvicorn")
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -233,29 +324,43 @@ def test_page_in_browser(detector, deployment, tmp_path):
         while not server.started and time.time() < deadline:
             time.sleep(0.05)
         assert server.started, "uvicorn did not start"
-        image = tmp_path / "part.png"
-        image.write_bytes(png(60, 90, seed=3))
-        expected = TestClient(app).post("/predict", files={"image": ("part.png", image.read_bytes(), "image/png")},
-                                        data={"object": "metal nut"}).json()
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
-                                        args=CHROMIUM_ARGS, headless=True)
-            try:
-                page = browser.new_page()
-                page.goto(f"http://127.0.0.1:{port}/", timeout=20_000)
-                page.set_input_files("#image", str(image))
-                page.fill("#object", "metal nut")
-                page.click("#submit")
-                page.wait_for_selector("#result:not([hidden])", timeout=20_000)
-                score = page.text_content("#score")
-                assert float(score) == pytest.approx(expected["score"], abs=1e-4)
-                assert page.get_attribute("#overlay", "src").startswith("data:image/png;base64,")
-                assert page.text_content("#decision") in ("normal", "anomalous")
-                shot = tmp_path / "page.png"
-                page.screenshot(path=str(shot), full_page=True)
-                assert shot.stat().st_size > 0
-            finally:
-                browser.close()
+        yield f"http://127.0.0.1:{port}/"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("key", [None, "page-key"])
+def test_page_in_browser(detector, deployment, tmp_path, browser_page, key):
+    """Upload an image on the page (with the API key when the service needs one), read the score,
+    check the overlay of an EXIF-rotated photo is upright, take a screenshot."""
+    app = create_app(detector, deployment, api_key=key)
+    image = tmp_path / "part.jpg"
+    image.write_bytes(exif_jpeg(60, 90, seed=3))  # stored 90 wide, shown 60 wide
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    expected = TestClient(app).post("/predict", files={"image": ("part.jpg", image.read_bytes(), "image/jpeg")},
+                                    data={"object": "metal nut"}, headers=headers).json()
+    page = browser_page
+    with running(app) as url:
+        page.goto(url, timeout=20_000)
+        page.set_input_files("#image", str(image))
+        page.fill("#object", "metal nut")
+        if key:
+            page.wait_for_selector("#api-key", state="visible", timeout=20_000)
+            page.click("#submit")  # without the key: the refusal is shown
+            page.wait_for_selector("#error:not([hidden])", timeout=20_000)
+            assert "401" in page.text_content("#error")
+            page.fill("#api-key", key)
+        else:
+            assert not page.is_visible("#api-key")
+        page.click("#submit")
+        page.wait_for_selector("#result:not([hidden])", timeout=20_000)
+        assert float(page.text_content("#score")) == pytest.approx(expected["score"], abs=1e-4)
+        assert page.get_attribute("#overlay", "src").startswith("data:image/png;base64,")
+        size = page.evaluate("() => [document.getElementById('overlay').naturalWidth, "
+                             "document.getElementById('overlay').naturalHeight]")
+        assert size == [60, 90]  # upright, as the browser shows the photo
+        assert page.text_content("#decision") in ("normal", "anomalous")
+        shot = tmp_path / "page.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 0

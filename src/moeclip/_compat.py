@@ -28,6 +28,47 @@ MOVED = {
 }
 
 
+#: old module -> {old name: new "module.name"}: the same object under a new home (forwarded with a warning)
+FORWARDED = {
+    "moeclip.inference.deploy": {
+        "load_detector": "moeclip.inference.deploy.load_deployment_detector",
+        "absolute_options": "moeclip.model.options.absolute_options",
+        **{n: f"moeclip.inference.postprocess.{n}" for n in (
+            "fpr_threshold", "f1_threshold", "rates", "normalize", "unit_map", "resize_map")},
+        "final_score": "moeclip.inference.postprocess.image_score",
+        "uncalibrated_map_probability": "moeclip.inference.postprocess.map_probability",
+        **{n: f"moeclip.inference.render.{n}" for n in ("heatmap_rgb", "overlay", "png_bytes", "save_png", "COLORMAP")},
+    },
+    "moeclip.inference.detector": {
+        "uncalibrated_map_probability": "moeclip.inference.postprocess.map_probability",
+    },
+}
+#: old module -> {old name: what replaces it}: gone, with a different signature (an error says where to go)
+REPLACED = {
+    "moeclip.inference.deploy": {
+        "fit_normalization": "moeclip.inference.postprocess.Normalization.fit(...).to_dict()",
+        "mask_image": "moeclip.inference.render.mask_image(moeclip.inference.postprocess.binary_mask(map, t))",
+    },
+    "moeclip.model.scoring": {"final_image_score": "moeclip.model.domain.Domain.parse(domain).combine"},
+    "moeclip.analysis.overlay": {
+        "heatmap_rgb": "moeclip.inference.render.heatmap_rgb(map, stretch_each=True)",
+        "overlay": "moeclip.inference.render.overlay(image, map, stretch_each=True)",
+    },
+}
+
+
+def moved_attribute(module: str, name: str):
+    """Module ``__getattr__`` body: forward a moved name, or fail naming its replacement."""
+    if name in FORWARDED.get(module, {}):
+        new = FORWARDED[module][name]
+        warnings.warn(f"{module}.{name} moved to {new}; import it from there", DeprecationWarning, stacklevel=3)
+        mod, _, attr = new.rpartition(".")
+        return getattr(importlib.import_module(mod), attr)
+    if name in REPLACED.get(module, {}):
+        raise AttributeError(f"{module}.{name} was replaced by {REPLACED[module][name]}")
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname, path=None, target=None):
         if fullname in MOVED:

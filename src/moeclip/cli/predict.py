@@ -31,8 +31,6 @@ import argparse
 from pathlib import Path
 
 from ..errors import MoECLIPError
-from ..inference.pipeline import ObjectRules, ResultWriter, RuntimeSpec, expand_inputs
-from ..inference.pipeline import run as run_pipeline
 from .common import add_domain_arg, add_model_args, model_options
 
 
@@ -81,6 +79,7 @@ def register(subparsers) -> None:
 
 def reference_pairs(args: argparse.Namespace):
     """``--reference`` values -> (object description, images) pairs; KEY names an --object/--class-map rule."""
+    from ..inference.pipeline import ObjectRules
     plain, rules = ObjectRules.split(args.object)
     if args.class_map:
         from ..data.registry import load_descriptions
@@ -101,8 +100,10 @@ def reference_pairs(args: argparse.Namespace):
     return tuple(pairs)
 
 
-def runtime_spec(args: argparse.Namespace) -> RuntimeSpec:
-    """The pipeline's :class:`RuntimeSpec` from the parsed flags."""
+def runtime_spec(args: argparse.Namespace):
+    """The pipeline's :class:`~moeclip.inference.pipeline.RuntimeSpec` from the parsed flags."""
+    from ..inference.pipeline import ObjectRules, RuntimeSpec  # lazily: `moeclip --help` stays fast
+
     plain, rules = ObjectRules.split(args.object)
     return RuntimeSpec(checkpoint=args.checkpoint, model_options=model_options(args), deploy=args.deploy,
                        onnx=args.onnx, device=args.device, precision=args.precision, threshold=args.threshold,
@@ -113,6 +114,8 @@ def runtime_spec(args: argparse.Namespace) -> RuntimeSpec:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.imageio import DEFAULT_MAX_PIXELS
+    from ..inference.pipeline import ObjectRules, ResultWriter, expand_inputs
+    from ..inference.pipeline import run as run_pipeline
 
     if args.batch_size < 1 or args.workers < 1:
         raise MoECLIPError("--batch-size and --workers must be at least 1")

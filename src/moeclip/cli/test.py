@@ -47,6 +47,7 @@ def _map_writer(out: Path, args):
     import numpy as np
 
     from ..analysis import overlay
+    from ..fileio import atomic_open
 
     def write(source, group, batch, amap, score):
         sub = Path(_safe(source.name)) / _safe(group)
@@ -54,7 +55,8 @@ def _map_writer(out: Path, args):
             stem = f"{Path(path).parent.name}_{Path(path).stem}"
             if args.save_maps:
                 (out / "maps" / sub).mkdir(parents=True, exist_ok=True)
-                np.save(out / "maps" / sub / f"{stem}.npy", amap[i].numpy().astype(np.float32))
+                with atomic_open(out / "maps" / sub / f"{stem}.npy") as fh:
+                    np.save(fh, amap[i].numpy().astype(np.float32))
             if args.visualize:
                 (out / "overlays" / sub).mkdir(parents=True, exist_ok=True)
                 overlay.save_triptych(path, amap[i].numpy(), batch["mask"][i, 0].numpy(),

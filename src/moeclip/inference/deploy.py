@@ -173,3 +173,9 @@ class Deployment:
 def load_deployment_detector(path: str | Path, **kwargs):
     """``Deployment.load(path).detector(**kwargs)``: a ready-to-use Detector with decisions."""
     return Deployment.load(path).detector(**kwargs)
+
+
+def __getattr__(name):
+    from .._compat import moved_attribute
+
+    return moved_attribute(__name__, name)

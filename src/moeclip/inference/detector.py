@@ -120,3 +120,9 @@ class Detector:
                 path = str(x) if isinstance(x, (str, Path)) else None
                 results.append(Prediction.from_scored(scored, obj, post.domain, path))
         return results
+
+
+def __getattr__(name):
+    from .._compat import moved_attribute
+
+    return moved_attribute(__name__, name)

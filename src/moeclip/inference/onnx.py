@@ -204,25 +204,39 @@ def export_onnx(detector, path: str | Path, object: Optional[str] = None, domain
         import logging
 
         logging.getLogger(__name__).warning("exporting for %r with a deployment calibrated for %r", obj, dep.object)
+    from ..fileio import atomic_write
+
     model = detector.model
     device = next(model.parameters()).device
-    model.cpu().eval()  # exported on the CPU in fp32; moved back afterwards
     size = int(detector.image_size)
     refs = getattr(detector, "references", None)
     bank = refs.get(obj) if refs else None
-    try:
-        used = _export(model, path, obj, dom, size, routing_outputs, exporter, opset, bank,
-                       refs.weight if refs else 0.5)
-    finally:
-        model.to(device)
+
+    def write(tmp: str) -> None:  # the graph, then its metadata, into a temporary file
+        model.cpu().eval()  # exported on the CPU in fp32; moved back afterwards
+        try:
+            used = _export(model, Path(tmp), obj, dom, size, routing_outputs, exporter, opset, bank,
+                           refs.weight if refs else 0.5)
+        finally:
+            model.to(device)
+        meta = _metadata(detector, dep, obj, dom, size, used, checkpoint)
+        if bank is not None:
+            meta["references"] = str(bank.num_references)
+        _write_metadata(onnx, tmp, meta)
+
+    atomic_write(path, write)
+    return path
+
+
+def _metadata(detector, dep: Optional[Deployment], obj: str, dom: str, size: int, used: str,
+              checkpoint: Optional[str]) -> Dict[str, str]:
+    model = detector.model
     meta = {
         "format": "moeclip-onnx", "version": __version__, "object": obj, "domain": dom,
         "image_size": str(size), "num_maps": str(model.adapter_config.num_maps),
         "exporter": used,
         "checkpoint": str(checkpoint or (dep.checkpoint if dep else "") or ""),
     }
-    if bank is not None:
-        meta["references"] = str(bank.num_references)
     if dep is not None:
         meta["deployment"] = json.dumps(dep.to_dict())
     elif detector.threshold is not None or detector.normalization is not None or detector.pixel_threshold is not None:
@@ -230,14 +244,17 @@ def export_onnx(detector, path: str | Path, object: Optional[str] = None, domain
         meta["deployment"] = json.dumps(Deployment(
             object=obj, domain=dom, threshold=detector.threshold, pixel_threshold=detector.pixel_threshold,
             normalization=None if n is None else n.to_dict()).to_dict())
-    proto = onnx.load(str(path))
+    return meta
+
+
+def _write_metadata(onnx, path: str, meta: Dict[str, str]) -> None:
+    proto = onnx.load(path)
     del proto.metadata_props[:]
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = META_PREFIX + key, value
     proto.producer_name = "moeclip"
-    onnx.save(proto, str(path))
-    return path
+    onnx.save(proto, path)
 
 
 def compare_onnx(detector, path: str | Path, images=None, object: Optional[str] = None,

@@ -32,19 +32,20 @@ NORMALIZATION_FIELDS = ("map_min", "map_max", "score_min", "score_max")
 
 
 # ---------------------------------------------------------------------------- scales
-def map_probability(raw, num_maps: int) -> np.ndarray:
+def map_probability(raw, num_maps: int, dtype=np.float64) -> np.ndarray:
     """Mean per-map anomaly probability implied by a summed raw map value.
 
     Each map's patch score is ``a = (z1 + 1 - z0) / 2``, so ``z1 - z0 = 2a - 1`` and the softmax
     probability of "abnormal" is ``sigmoid(2a - 1)``; with the maps summed, ``a`` is the raw
-    value divided by their number.
+    value divided by their number. Scores use float64; whole maps for colours float32 (4x faster).
     """
-    return 1.0 / (1.0 + np.exp(-(2.0 * np.asarray(raw, dtype=np.float64) / num_maps - 1.0)))
+    with np.errstate(over="ignore"):  # exp overflow of very negative values: probability 0, as it should
+        return 1.0 / (1.0 + np.exp(-(2.0 * np.asarray(raw, dtype=dtype) / num_maps - 1.0)))
 
 
-def normalize(value, lo: float, hi: float) -> np.ndarray:
+def normalize(value, lo: float, hi: float, dtype=np.float64) -> np.ndarray:
     """Min-max to [0, 1] with fixed bounds, clipped (a constant range maps to 0)."""
-    return np.clip((np.asarray(value, dtype=np.float64) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    return np.clip((np.asarray(value, dtype=dtype) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
 
 
 @dataclass
@@ -56,8 +57,8 @@ class Normalization:
     score_min: float
     score_max: float
 
-    def map(self, raw) -> np.ndarray:
-        return normalize(raw, self.map_min, self.map_max)
+    def map(self, raw, dtype=np.float64) -> np.ndarray:
+        return normalize(raw, self.map_min, self.map_max, dtype)
 
     def score(self, raw) -> float:
         return float(normalize(raw, self.score_min, self.score_max))
@@ -95,8 +96,8 @@ def unit_map(raw_map, normalization: Optional[Normalization], num_maps: int) -> 
     """
     normalization = Normalization.from_dict(normalization)
     if normalization is not None:
-        return normalization.map(raw_map).astype(np.float32)
-    return map_probability(raw_map, num_maps).astype(np.float32)
+        return normalization.map(raw_map, np.float32).astype(np.float32, copy=False)
+    return map_probability(raw_map, num_maps, np.float32).astype(np.float32, copy=False)
 
 
 def image_score(map_max: float, raw_score: float, domain: "Domain | str",

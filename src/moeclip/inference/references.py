@@ -213,46 +213,76 @@ def attach_references(detector, images, object: Optional[str] = None, *, bank_si
 
 
 class FusedScorer:
-    """Preprocessed batches -> fused raw maps and scores against one bank (``moeclip calibrate``).
+    """A pipeline runtime scoring against one fixed bank, for ``moeclip calibrate``.
 
-    ``leave_one_out``: the bank was built from the very images being scored (in ``bank.references``
-    order, before any coreset); each image is scored against the bank without its own patches, so
-    a reference is never compared with itself.
+    ``leave_one_out``: the bank was built from the very images being scored; each image is scored
+    against the bank without its own patches (the reference whose stored features equal the
+    image's own), so a reference is never compared with itself.
     """
 
     def __init__(self, detector, bank: MemoryBank, weight: float = DEFAULT_REFERENCE_WEIGHT,
                  leave_one_out: bool = False):
         self.detector, self.weight, self.leave_one_out = detector, check_weight(weight), leave_one_out
         self.bank = bank.to(detector.device)
+        self.num_maps = detector.num_maps
+        self.image_size = int(detector.image_size)
         if leave_one_out and bank.num_references < 2:
             raise MoECLIPError("leave-one-out needs at least 2 normal images")
 
-    def _bank_without(self, name: str) -> MemoryBank:
-        try:
-            i = self.bank.references.index(name)
-        except ValueError:
-            return self.bank
+    def _bank_without_self(self, first_map: torch.Tensor) -> MemoryBank:
+        """The bank minus the reference whose first-map features are this image's (within 1e-4)."""
         L = self.bank.grid[0] * self.bank.grid[1]
-        feats = [torch.cat([f[:i * L], f[(i + 1) * L:]]) for f in self.bank.features]
+        blocks = self.bank.features[0].float().reshape(self.bank.num_references, L, -1)
+        diff = (blocks - first_map.float()).abs().amax(dim=(1, 2))
+        j = int(torch.argmin(diff))
+        if float(diff[j]) > 1e-4:
+            return self.bank
+        feats = [torch.cat([f[:j * L], f[(j + 1) * L:]]) for f in self.bank.features]
         return MemoryBank(feats, self.bank.object, self.bank.num_references - 1, self.bank.image_size,
                           self.bank.grid, self.bank.fingerprint)
 
-    def __call__(self, names: Sequence[str], batch: torch.Tensor, object: str, domain: str):
-        """(fused raw maps (B, S, S), scores (B,)) as float32 tensors on the CPU."""
-        from ..model.fewshot import predict_with_bank
+    def raw(self, images, object: str, domain: str):
+        """PIL images -> (fused raw maps (B, S, S), scores (B,), extras), as :class:`FewShotRuntime`."""
         from ..model.fusion import fused_raw
+        from ..model.scoring import anomaly_map, image_score
         from ..precision import autocast
 
         det = self.detector
-        text = det.text_features(object)
-        parts = []
-        groups = [[i] for i in range(len(names))] if self.leave_one_out else [list(range(len(names)))]
-        for idx in groups:
-            bank = self._bank_without(str(names[idx[0]])) if self.leave_one_out else self.bank
-            with torch.inference_mode(), autocast(det.device, det.precision):
-                out = predict_with_bank(det.model, batch[idx].to(det.device), text, bank, domain)
-            parts.append(fused_raw(out["anomaly_map"].cpu().numpy(), out["few_shot_map"].cpu().numpy(),
-                                   out["image_score"].cpu().numpy(), det.num_maps, self.weight))
-        maps = np.concatenate([m for m, _ in parts])
-        scores = np.concatenate([s for _, s in parts])
-        return torch.from_numpy(maps), torch.from_numpy(scores)
+        batch = torch.stack([preprocess_image(img, self.image_size) for img in images]).to(det.device)
+        with torch.inference_mode(), autocast(det.device, det.precision):
+            out = det.model.encode_image(batch, compute_losses=False)
+            text = det.text_features(object).to(out.det_feature.dtype)
+            size = tuple(batch.shape[-2:])
+            zs = anomaly_map(out.seg_features, text, out.grid, size, domain).float().cpu().numpy()
+            s = image_score(out.det_feature, text).float().cpu().numpy()
+            feats = [f.float() for f in out.seg_features]
+            few = []
+            for b in range(batch.shape[0]):
+                bank = self._bank_without_self(feats[0][b]) if self.leave_one_out else self.bank
+                few.append(bank.anomaly_map([f[b:b + 1] for f in feats], out.grid, size, domain)[0])
+            few = torch.stack(few).cpu().numpy()
+        maps, scores = fused_raw(zs, few, s, self.num_maps, self.weight)
+        return maps, scores, {"few_shot_map_max": few.reshape(few.shape[0], -1).max(1)}
+
+
+def few_shot_calibration(detector, object: str, references: Sequence[str], normal_paths=None, *,
+                         weight: float = DEFAULT_REFERENCE_WEIGHT, bank_size: Optional[int] = None,
+                         fp16: bool = False) -> Tuple[FusedScorer, MemoryBank]:
+    """(runtime for :func:`moeclip.inference.calibrate.calibrate`, the bank to save) of ``calibrate --reference``.
+
+    ``references`` empty: the ``normal_paths`` themselves, leave-one-out (scored against the full
+    bank minus each image; the saved bank holds them all, subsampled/fp16 as asked).
+    """
+    check_weight(weight)
+    if references:
+        pils, names = load_references(list(references))
+    elif normal_paths:
+        pils, names = load_references([str(p) for p in normal_paths])
+    else:
+        raise MoECLIPError("--reference without images uses the --normal images (leave-one-out); "
+                           "with --data give reference images")
+    loo = not references
+    common = dict(image_size=detector.image_size, precision=detector.precision, names=names)
+    saved = bank_from_images(detector.model, pils, object, bank_size=bank_size, fp16=fp16, **common)
+    scoring = bank_from_images(detector.model, pils, object, **common) if loo and (bank_size or fp16) else saved
+    return FusedScorer(detector, scoring, weight, leave_one_out=loo), saved

@@ -74,3 +74,9 @@ def segmentation_probs(features: torch.Tensor, text: torch.Tensor, grid: Tuple[i
     z = to_grid(patch_logits(features, text), grid)
     z = F.interpolate(z, size=tuple(out_size), mode="bilinear", align_corners=True)
     return z.softmax(dim=1)
+
+
+def __getattr__(name):
+    from .._compat import moved_attribute
+
+    return moved_attribute(__name__, name)

@@ -8,16 +8,17 @@ type, decoder, pixels per image, and the request size (all images together) from
 from typing import Any, Dict, List, Optional
 
 from ...errors import MoECLIPError
-from ...model.prompts import GENERIC_OBJECT
 
 #: At most this many images per request and this many objects with a bank (banks are large).
 MAX_REFERENCE_IMAGES = 64
 MAX_REFERENCE_OBJECTS = 32
 
 
-def add_reference_routes(app, detector, lock, ApiError, content_types, decode_upload, max_upload_bytes: int,
-                         max_pixels: int) -> None:
+def add_reference_routes(app, service, ApiError, read_upload, max_upload_bytes: int, max_pixels: int) -> None:
+    """Install the two routes on ``app``; ``service`` (serve.app.Service) holds the detector, runtime and lock."""
     from fastapi import File, Form, UploadFile
+
+    detector = service.detector
 
     def listing() -> Dict[str, Any]:
         banks = detector.references
@@ -39,27 +40,21 @@ def add_reference_routes(app, detector, lock, ApiError, content_types, decode_up
             raise ApiError(413, "too_many_images", f"at most {MAX_REFERENCE_IMAGES} reference images per request")
         pils, names = [], []
         for up in images:
-            ctype = (up.content_type or "").split(";")[0].strip().lower()
-            if ctype not in content_types:
-                raise ApiError(415, "unsupported_media_type", f"{up.filename}: content type {ctype or 'missing'!r} "
-                                                              "is not an image type this service reads")
-            data = up.file.read(max_upload_bytes + 1)
-            if len(data) > max_upload_bytes:
-                raise ApiError(413, "file_too_large", f"{up.filename}: over the limit of {max_upload_bytes} bytes")
             try:
-                pils.append(decode_upload(data, max_pixels))
+                pils.append(read_upload(up, max_upload_bytes, max_pixels))
             except ApiError as exc:
                 raise ApiError(exc.status, exc.code, f"{up.filename}: {exc.detail}") from None
             names.append(up.filename or f"<upload {len(names)}>")
-        text = (object or "").strip() or detector.object or GENERIC_OBJECT
+        text, _, _ = service.resolve(object, None)
         banks = detector.references
         if banks is not None and text not in banks and len(banks) >= MAX_REFERENCE_OBJECTS:
             raise ApiError(409, "too_many_objects", f"at most {MAX_REFERENCE_OBJECTS} objects with references")
         from ..references import attach_references
 
-        with lock:
+        with service.lock:
             try:
                 bank = attach_references(detector, pils, text, names=names)
             except MoECLIPError as exc:
                 raise ApiError(409, "references_not_possible", str(exc)) from None
+            service.runtime = detector.runtime()
         return {"object": text, "references": bank.num_references, **listing()}
