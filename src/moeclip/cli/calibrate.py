@@ -53,6 +53,15 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="deploy.json", help="deployment file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--batch-size", type=int, default=8)
+    fs = p.add_argument_group("few-shot (see README 'Few-shot')")
+    fs.add_argument("--reference", nargs="*", metavar="IMAGE|FOLDER|GLOB",
+                    help="normal reference images: their memory bank is written beside --out and used by "
+                         "predict/serve --deploy and export onnx --deploy; without a value, the --normal images "
+                         "themselves, each scored leave-one-out (never against its own patches)")
+    fs.add_argument("--reference-weight", type=float, default=0.5, metavar="W",
+                    help="weight of the few-shot map in the fused map (default 0.5)")
+    fs.add_argument("--bank-size", type=int, metavar="N", help="greedy-coreset subsample of each map's bank")
+    fs.add_argument("--bank-fp16", action="store_true", help="store the memory bank in fp16")
     add_model_args(p, checkpoint_required=True)
     p.set_defaults(func=run)
 
@@ -80,7 +89,15 @@ def run(args: argparse.Namespace) -> int:
     domain = args.domain or data_domain or "industrial"
     if not items:
         raise MoECLIPError("no calibration images found")
-    runtime = TorchRuntime(detector_from_args(args, domain=domain, object=obj))
+    detector = detector_from_args(args, domain=domain, object=obj)
+    runtime, bank = TorchRuntime(detector), None
+    if args.reference is not None:  # few-shot: calibrate on the fused scores
+        from ..inference.references import few_shot_calibration
+
+        runtime, bank = few_shot_calibration(detector, obj, args.reference,
+                                             [p for p, _, _ in items] if args.normal else None,
+                                             weight=args.reference_weight, bank_size=args.bank_size,
+                                             fp16=args.bank_fp16)
     cal = calibrate(runtime, items, obj, domain, rule=rule, max_fpr=args.max_fpr, pixel_max_fpr=args.pixel_max_fpr,
                     headroom=headroom, batch_size=args.batch_size, orient=bool(args.normal))
     calibration = {"source": "normal" if args.normal else f"data:{args.data}", "class": args.class_name,
@@ -88,6 +105,12 @@ def run(args: argparse.Namespace) -> int:
     dep = Deployment(object=obj, domain=domain, threshold=cal.threshold, pixel_threshold=cal.pixel_threshold,
                      normalization=cal.normalization.to_dict(), checkpoint=str(Path(args.checkpoint).resolve()),
                      model_options=absolute_options(model_options(args)), calibration=calibration)
+    if bank is not None:
+        bank_path = out_path.with_name(out_path.stem + ".bank.safetensors")
+        bank.save(bank_path, overwrite=args.overwrite)
+        dep.references, dep.reference_weight = bank_path.name, args.reference_weight
+        calibration["few_shot"] = {"references": bank.num_references, "leave_one_out": not args.reference,
+                                   "bank_size": args.bank_size, "bank_fp16": args.bank_fp16}
     dep.save(out_path, overwrite=args.overwrite)
     fpr, tpr = calibration["image"]["fpr"], calibration["image"]["tpr"]
     print(f"{cal.statistics['num_images']} image(s) of {obj!r}: threshold {cal.threshold:.6g} ({rule}; FPR {fpr}"

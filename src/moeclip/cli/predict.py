@@ -14,7 +14,10 @@ Output folder::
 holds ``path``, ``name``, ``score`` (in [0, 1]), ``raw_score``, ``map_max``, ``object``,
 ``object_source`` (flag / class-map / deploy / onnx / generic), ``domain``, the written files,
 ``decision`` and ``threshold`` when a threshold is known, or ``error`` for a file that could not
-be read (the run goes on).
+be read (the run goes on). With ``--reference`` (few-shot) a line also holds ``references`` (K, 0
+for an object without references), ``zero_shot_raw_score``, ``zero_shot_map_max``,
+``zero_shot_score`` and ``few_shot_map_max``; ``score``, ``raw_score``, ``map_max`` and the map are
+then the fused ones, on the zero-shot raw scales (``moeclip.model.fusion.fused_raw``).
 
 Objects: ``--object DESC`` for every image; ``--object KEY=DESC`` (repeatable) and
 ``--class-map FILE`` (JSON ``{"KEY": "DESC"}`` or ``KEY: DESC`` lines) for mixed folders, where
@@ -64,10 +67,41 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in DIR")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in DIR: skip images already in results.jsonl")
+    fs = p.add_argument_group("few-shot (normal reference images; see README 'Few-shot')")
+    fs.add_argument("--reference", action="append", default=[], metavar="DIR_OR_GLOB | KEY=DIR_OR_GLOB",
+                    help="normal reference images of the object (folder, glob or file); KEY=... for the object "
+                         "of an --object KEY=DESC / --class-map rule (repeatable)")
+    fs.add_argument("--reference-weight", type=float, default=0.5, metavar="W",
+                    help="weight of the few-shot map in the fused map (default 0.5)")
+    fs.add_argument("--bank-size", type=int, metavar="N", help="greedy-coreset subsample of each map's memory bank")
+    fs.add_argument("--bank-fp16", action="store_true", help="store the memory banks in fp16")
     add_model_args(p, checkpoint_required=False)
     add_ray_args(p)
     openvino.add_predict_args(p)
     p.set_defaults(func=run)
+
+
+def reference_pairs(args: argparse.Namespace):
+    """``--reference`` values -> (object description, images) pairs; KEY names an --object/--class-map rule."""
+    from ..inference.pipeline import ObjectRules
+    plain, rules = ObjectRules.split(args.object)
+    if args.class_map:
+        from ..data.registry import load_descriptions
+
+        rules.extend(load_descriptions(args.class_map).items())
+    by_key = {k.casefold(): d for k, d in rules}
+    pairs = []
+    for value in args.reference:
+        key, sep, spec = value.partition("=")
+        if sep and key.strip() and not Path(value).exists():
+            desc = by_key.get(key.strip().casefold())
+            if desc is None and key.strip() not in [d for _, d in rules] + [plain]:
+                raise MoECLIPError(f"--reference {value!r}: no --object {key.strip()}=DESC or --class-map rule "
+                                   f"for {key.strip()!r}")
+            pairs.append((desc or key.strip(), spec.strip()))
+        else:
+            pairs.append((plain or "", value))
+    return tuple(pairs)
 
 
 def runtime_spec(args: argparse.Namespace):
@@ -78,7 +112,9 @@ def runtime_spec(args: argparse.Namespace):
     return RuntimeSpec(checkpoint=args.checkpoint, model_options=model_options(args), deploy=args.deploy,
                        onnx=args.onnx, device=args.device, precision=args.precision, threshold=args.threshold,
                        pixel_threshold=args.pixel_threshold, domain=args.domain, object=plain,
-                       object_rules=bool(rules or args.class_map), openvino=getattr(args, "openvino", None))
+                       object_rules=bool(rules or args.class_map), openvino=getattr(args, "openvino", None),
+                       references=reference_pairs(args), reference_weight=args.reference_weight,
+                       bank_size=args.bank_size, bank_fp16=args.bank_fp16)
 
 
 def run(args: argparse.Namespace) -> int:

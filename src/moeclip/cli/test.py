@@ -26,6 +26,18 @@ def register(sub) -> None:
     p.add_argument("--report", action="store_true", help="write an HTML report (curves, failures, histograms)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and list them")
     p.add_argument("--overwrite", action="store_true", help="replace results in a non-empty --out")
+    fs = p.add_argument_group("few-shot (k-shot protocol; see README 'Few-shot')")
+    fs.add_argument("--shots", type=int, metavar="K",
+                    help="per class, K normal references drawn from its training normals (<class>/train/good)")
+    fs.add_argument("--shot-seeds", default="0", metavar="LIST",
+                    help="comma-separated seeds; one draw and one evaluation per seed, then mean +- std (default 0)")
+    fs.add_argument("--reference-data", action="append", default=[], metavar="NAME=PATH",
+                    help="references for --data NAME from PATH/<class>/ (or PATH itself for one class, or a glob) "
+                         "instead of the training normals; without --shots all of them are used")
+    fs.add_argument("--reference-weight", type=float, default=0.5, metavar="W",
+                    help="weight of the few-shot map in the fused map (default 0.5)")
+    fs.add_argument("--bank-size", type=int, metavar="N", help="greedy-coreset subsample of each map's bank")
+    fs.add_argument("--bank-fp16", action="store_true", help="store the memory banks in fp16")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -84,6 +96,8 @@ def _run(args, out: Path, device) -> int:
     model = load_model_from_args(args).to(device).cast_frozen_weights(args.precision)
     size = model.config.backbone.image_size
 
+    if args.shots is not None or args.reference_data:
+        return _run_few_shot(args, out, device, model, sources)
     writer = _map_writer(out, args) if (args.save_maps or args.visualize) else None
 
     results = []
@@ -115,5 +129,64 @@ def _run(args, out: Path, device) -> int:
         report = report_from_eval(out, results, model.config.to_dict())
         print(f"report: {report}")
     print(format_table(results))
+    print(f"\nresults written to {out / 'results.json'} and {out / 'results.csv'}")
+    return 0
+
+
+def _run_few_shot(args, out: Path, device, model, sources) -> int:
+    """``--shots`` / ``--reference-data``: the k-shot protocol, per seed and mean +- std."""
+    from ..engine import distributed as D
+    from ..engine.evaluate import METRIC_KEYS, format_table_seeds
+    from ..engine.kshot import evaluate_k_shot, match_reference_data, parse_seeds
+    from ..fileio import atomic_write_text
+
+    seeds = parse_seeds(args.shot_seeds) if args.shots is not None else [0]
+    user = match_reference_data(args.reference_data, sources, args.data)
+    size = model.config.backbone.image_size
+
+    def writer_for(seed):
+        return _map_writer(out / f"seed{seed}", args) if (args.save_maps or args.visualize) else None
+
+    results = [evaluate_k_shot(model, src, shots=args.shots, seeds=seeds, user_path=user.get(i),
+                               weight=args.reference_weight, bank_size=args.bank_size, bank_fp16=args.bank_fp16,
+                               on_batch_for=writer_for, keep_maps_first=args.report, image_size=size, device=device,
+                               precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+                               skip_bad=args.skip_bad)
+               for i, src in enumerate(sources)]
+    if not D.is_main():
+        return 0
+    few = {"shots": args.shots, "seeds": seeds, "reference_weight": args.reference_weight,
+           "bank_size": args.bank_size, "bank_fp16": args.bank_fp16,
+           "reference_data": list(args.reference_data)}
+    doc = {"checkpoint": str(args.checkpoint), "config": model.config.to_dict(), "few_shot": few,
+           "datasets": [{"name": r.source, "domain": r.domain, **r.stats,
+                         "per_seed": [{"seed": s, "per_class": e.per_class, "average": e.average,
+                                       "references": e.references, "skipped": [list(x) for x in e.skipped]}
+                                      for s, e in zip(r.seeds, r.per_seed)]} for r in results]}
+    atomic_write_text(out / "results.json", json.dumps(doc, indent=2) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["dataset", "class", "seed", *METRIC_KEYS])
+
+    def row(source, name, seed, m):
+        w.writerow([source, name, seed] + ["" if m.get(k) is None else f"{m[k]:.6f}" for k in METRIC_KEYS])
+
+    for r in results:
+        for s, e in zip(r.seeds, r.per_seed):
+            for name, m in list(e.per_class.items()) + [("average", e.average)]:
+                row(r.source, name, s, m)
+        for name in list(r.stats["per_class"]) + ["average"]:
+            mean = r.stats["average"] if name == "average" else r.stats["per_class"][name]
+            std = r.stats["average_std"] if name == "average" else r.stats["per_class_std"][name]
+            row(r.source, name, "mean", mean)
+            row(r.source, name, "std", std)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    if args.report:
+        from ..analysis.report import report_from_eval
+
+        print(f"report (seed {seeds[0]}): {report_from_eval(out, [r.per_seed[0] for r in results], doc['config'])}")
+    k = "all" if args.shots is None else args.shots
+    print(f"few-shot: {k} reference(s) per class, seeds {','.join(map(str, seeds))}; mean ± std over seeds")
+    print(format_table_seeds([(r.source, r.stats) for r in results]))
     print(f"\nresults written to {out / 'results.json'} and {out / 'results.csv'}")
     return 0

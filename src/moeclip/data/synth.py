@@ -880,8 +880,9 @@ def add_synth_arguments(parser) -> None:
     parser.add_argument("--normal", type=int, default=10, metavar="N", help="normal test images per category (default 10)")
     parser.add_argument("--anomalous", type=int, default=12, metavar="N",
                         help="anomalous test images per category, cycling defect types (default 12)")
-    parser.add_argument("--train-normal", type=int, default=0, metavar="N",
-                        help="also write N train/good images per category (default 0)")
+    parser.add_argument("--train-normal", type=int, default=5, metavar="N",
+                        help="also write N train/good normal images per category, the references of the few-shot "
+                             "protocol (moeclip test --shots; default 5, 0 for none)")
     parser.add_argument("--size", type=int, default=96, metavar="PX", help="image side in pixels (default 96)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--defect-scale", type=float, default=1.0,

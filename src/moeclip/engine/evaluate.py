@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -66,13 +67,65 @@ class EvalResult:
     average: Dict = field(default_factory=dict)
     outputs: Dict[str, ClassOutputs] = field(default_factory=dict)
     skipped: List = field(default_factory=list)
+    references: Dict[str, List[str]] = field(default_factory=dict)  # few-shot: class -> reference images
+
+
+@dataclass
+class FewShot:
+    """Few-shot evaluation: per class, a memory bank of normal references fused with the zero-shot map.
+
+    ``references(source, group, samples)`` returns the reference image paths of one class
+    (drawn from its training normals or a user folder, never from the test samples). The
+    fused map (:func:`moeclip.model.fusion.fuse_maps`) is what the class is evaluated on; the
+    image score fed to the official rule is ``(raw zero-shot score + max few-shot map) / 2``,
+    so industrial classes get ``0.5 max(fused) + 0.25 s + 0.25 max(M_fs)`` after the
+    per-class min-max, as :func:`moeclip.model.fusion.fuse` scores one image.
+    """
+
+    references: Callable[["EvalSource", str, List[Sample]], List[Path]]
+    weight: float = 0.5
+    bank_size: Optional[int] = None
+    bank_fp16: bool = False
+
+
+def _class_bank(model, paths: Sequence[Path], description: str, image_size: int, few_shot: FewShot,
+                precision: str, batch_size: int):
+    from ..data.imageio import load_image
+    from ..data.transforms import preprocess_image
+    from ..model.fewshot import build_bank
+
+    images = torch.stack([preprocess_image(load_image(p), image_size) for p in paths])
+    return build_bank(model, images, description, references=[str(p) for p in paths], bank_size=few_shot.bank_size,
+                      fp16=few_shot.bank_fp16, batch_size=batch_size, precision=precision)
+
+
+def _score_batch(model, images: torch.Tensor, text: torch.Tensor, domain: Domain, device, precision: str,
+                 bank=None, weight: float = 0.5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(maps, image scores) of one batch on CPU: zero-shot raw, or fused with the bank's few-shot map."""
+    with autocast(device, precision):
+        if bank is None:
+            out = model.predict(images, text, domain)
+            return out["anomaly_map"].float().cpu(), out["image_score"].float().cpu()
+        from ..model.fewshot import predict_with_bank
+
+        out = predict_with_bank(model, images, text, bank, domain)
+    from ..model.fusion import fuse_maps
+
+    few = out["few_shot_map"].cpu().numpy()
+    fused = fuse_maps(out["anomaly_map"].cpu().numpy(), few, model.adapter_config.num_maps, weight)
+    score = 0.5 * (out["image_score"].cpu().numpy() + few.reshape(few.shape[0], -1).max(1))
+    return torch.from_numpy(fused), torch.from_numpy(score.astype(np.float32))
 
 
 @torch.inference_mode()
 def evaluate_source(model, source: EvalSource, *, image_size: int, device: torch.device, precision: str = "fp32",
                     batch_size: int = 8, workers: int = 0, skip_bad: bool = False, keep_maps: bool = False,
-                    on_batch: Optional[Callable] = None, progress: bool = True) -> EvalResult:
-    """Evaluate every class of ``source``; maps are kept at the evaluation resolution (S x S)."""
+                    on_batch: Optional[Callable] = None, progress: bool = True,
+                    few_shot: Optional[FewShot] = None) -> EvalResult:
+    """Evaluate every class of ``source``; maps are kept at the evaluation resolution (S x S).
+
+    With ``few_shot``, each class is scored against a memory bank of its references (see :class:`FewShot`).
+    """
     model.eval()
     domain = Domain.parse(source.domain)
     result = EvalResult(source.name, domain.value)
@@ -89,6 +142,11 @@ def evaluate_source(model, source: EvalSource, *, image_size: int, device: torch
         acc = ClassAccumulator(domain.value, num_images=len(dataset), image_shape=(image_size, image_size),
                                has_pixel_gt=has_gt)
         text = model.text_features(description)
+        bank = None
+        if few_shot is not None:
+            refs = few_shot.references(source, group, samples)
+            bank = _class_bank(model, refs, description, image_size, few_shot, precision, batch_size)
+            result.references[group] = [str(r) for r in refs]
         # under torchrun each rank scores an interleaved shard; the shards are gathered in order
         shard = list(range(dist_utils.rank(), len(dataset), dist_utils.world_size()))
         subset = torch.utils.data.Subset(dataset, shard) if dist_utils.is_distributed() else dataset
@@ -99,10 +157,8 @@ def evaluate_source(model, source: EvalSource, *, image_size: int, device: torch
         bar = tqdm(loader, desc=f"{source.name}/{group}", unit="batch",
                    disable=not progress or not dist_utils.is_main(), leave=False)
         for batch in bar:
-            with autocast(device, precision):
-                out = model.predict(batch["image"].to(device), text, domain)
-            amap = out["anomaly_map"].float().cpu()
-            score = out["image_score"].float().cpu()
+            amap, score = _score_batch(model, batch["image"].to(device), text, domain, device, precision, bank,
+                                       few_shot.weight if few_shot is not None else 0.5)
             mask = batch["mask"][:, 0] > 0.5
             if on_batch is not None:
                 on_batch(source, group, batch, amap, score)
@@ -148,4 +204,45 @@ def format_table(results: Sequence[EvalResult], keys: Sequence[str] = METRIC_KEY
             lines.append("| " + " | ".join([r.source, name] + [cell(m.get(k)) for k in keys]) + " |")
         lines.append("| " + " | ".join([f"**{r.source}**", "**average**"] +
                                         [f"**{cell(r.average.get(k))}**" for k in keys]) + " |")
+    return "\n".join(lines)
+
+
+def seed_statistics(per_seed: Sequence[EvalResult], keys: Sequence[str] = METRIC_KEYS) -> Dict[str, Dict]:
+    """Mean and population std over seeds of each metric, per class and for the average.
+
+    ``{"per_class": {cls: {k: mean}}, "per_class_std": ..., "average": {k: mean}, "average_std": ...}``;
+    a metric undefined in any seed (None) stays None.
+    """
+    def stats(dicts: List[Dict]) -> Tuple[Dict, Dict]:
+        mean, std = {}, {}
+        for k in keys:
+            vals = [d.get(k) for d in dicts]
+            if any(v is None for v in vals):
+                mean[k] = std[k] = None
+            else:
+                mean[k], std[k] = float(np.mean(vals)), float(np.std(vals))
+        return mean, std
+
+    out: Dict[str, Dict] = {"per_class": OrderedDict(), "per_class_std": OrderedDict()}
+    for name in per_seed[0].per_class:
+        out["per_class"][name], out["per_class_std"][name] = stats([r.per_class[name] for r in per_seed])
+    out["average"], out["average_std"] = stats([r.average for r in per_seed])
+    return out
+
+
+def format_table_seeds(rows: Sequence[Tuple[str, Dict[str, Dict]]], keys: Sequence[str] = METRIC_KEYS) -> str:
+    """Markdown table of ``mean ± std`` (percent) over seeds; ``rows`` are (dataset, seed_statistics)."""
+    head = ["dataset", "class"] + [k.replace("_", " ") for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(m, s):
+        return "n/a" if m is None else f"{100 * m:.1f} ± {100 * s:.1f}"
+
+    for source, st in rows:
+        for name, m in st["per_class"].items():
+            sd = st["per_class_std"][name]
+            lines.append("| " + " | ".join([source, name] + [cell(m.get(k), sd.get(k)) for k in keys]) + " |")
+        avg, sd = st["average"], st["average_std"]
+        lines.append("| " + " | ".join([f"**{source}**", "**average**"] +
+                                        [f"**{cell(avg.get(k), sd.get(k))}**" for k in keys]) + " |")
     return "\n".join(lines)

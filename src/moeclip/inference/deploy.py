@@ -54,6 +54,8 @@ class Deployment:
     checkpoint: Optional[str] = None
     model_options: Dict[str, Any] = field(default_factory=dict)
     calibration: Dict[str, Any] = field(default_factory=dict)
+    references: Optional[str] = None   # few-shot: memory bank file (calibrate --reference), beside this file
+    reference_weight: float = 0.5
     created: Optional[str] = None
     moeclip_version: str = __version__
 
@@ -125,6 +127,8 @@ class Deployment:
         base = path.resolve().parent
         if dep.checkpoint and not Path(dep.checkpoint).is_absolute():
             dep.checkpoint = str(base / dep.checkpoint)
+        if dep.references and not Path(dep.references).is_absolute():
+            dep.references = str(base / dep.references)
         for key in ("clip_model", "clip_weights"):
             value = dep.model_options.get(key)
             if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
@@ -158,7 +162,12 @@ class Deployment:
         kwargs = dict(domain=self.domain, normalization=self.normalizer(), threshold=self.threshold,
                       pixel_threshold=self.pixel_threshold, object=self.object)
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
-        return Detector(model, device=device, precision=precision, **kwargs)
+        det = Detector(model, device=device, precision=precision, **kwargs)
+        if self.references:  # calibrated few-shot: the normalisation was measured on the fused scale
+            from .references import ReferenceBanks
+
+            det.references = ReferenceBanks.load(self.references, model=model, weight=self.reference_weight)
+        return det
 
 
 def load_deployment_detector(path: str | Path, **kwargs):

@@ -44,6 +44,7 @@ class Detector:
         self.threshold = threshold
         self.pixel_threshold = pixel_threshold
         self.object = object
+        self.references = None  # few-shot memory banks by object (with_references)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: str = "auto", precision: str = "fp32",
@@ -62,8 +63,27 @@ class Detector:
         return PostProcessor(self.num_maps, Domain.parse(domain or self.domain).value, self.normalization,
                              self.threshold, self.pixel_threshold)
 
-    def runtime(self) -> TorchRuntime:
+    def runtime(self):
+        """The pipeline runtime: few-shot when reference banks are attached (:meth:`with_references`)."""
+        if self.references:
+            from .references import FewShotRuntime
+
+            return FewShotRuntime(self, self.references)
         return TorchRuntime(self)
+
+    def with_references(self, images, object: Optional[str] = None, *, bank_size: Optional[int] = None,
+                        fp16: bool = False, weight: Optional[float] = None, batch_size: int = 8) -> "Detector":
+        """Few-shot: score ``object`` against these normal reference images from now on; returns ``self``.
+
+        ``images``: paths, folders, globs, PIL images or arrays. Predictions for that object then
+        carry the fused map and score (``extra`` holds ``references`` and the zero-shot and
+        few-shot parts); see :mod:`moeclip.model.fewshot` and :mod:`moeclip.model.fusion`.
+        """
+        from .references import attach_references
+
+        attach_references(self, images, object, bank_size=bank_size, fp16=fp16, weight=weight,
+                          batch_size=batch_size)
+        return self
 
     def text_features(self, object: Optional[str]) -> torch.Tensor:
         with torch.inference_mode():

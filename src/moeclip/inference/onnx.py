@@ -44,8 +44,13 @@ CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------- export (torch)
-def _export_module(model, text, domain: str, routing_outputs: bool):
-    """The nn.Module that is exported: image batch -> (map, score[, routing indices])."""
+def _export_module(model, text, domain: str, routing_outputs: bool, bank=None, weight: float = 0.5):
+    """The nn.Module that is exported: image batch -> (map, score[, routing indices]).
+
+    With a few-shot ``bank`` (a calibrated deployment's), the bank is baked in as constants and
+    the outputs are the fused map and score on the raw scales (:func:`moeclip.model.fusion.fused_raw`);
+    the graph computes each map's full (patches x bank) similarity matrix.
+    """
     import torch
     import torch.nn.functional as F
     from kornia.filters import get_gaussian_kernel1d
@@ -61,6 +66,22 @@ def _export_module(model, text, domain: str, routing_outputs: bool):
             self.register_buffer("text", text.detach().clone().float())
             self.register_buffer("kernel", get_gaussian_kernel1d(k, sigma)[0].float())
             self.routing_outputs = routing_outputs
+            self.n_bank = 0 if bank is None else bank.num_maps
+            for i, f in enumerate(bank.features if bank is not None else []):
+                self.register_buffer(f"bank{i}", f.detach().float().cpu().clone())
+            self.weight = float(weight)
+
+        def fused(self, out, g: torch.Tensor, score: torch.Tensor, size):
+            """Few-shot: fuse the zero-shot map with the bank's map, back on the raw scales."""
+            n = len(out.seg_features)
+            d = sum((1.0 - (f.float() @ getattr(self, f"bank{i}").T).amax(-1)) * 0.5
+                    for i, f in enumerate(out.seg_features)) / n
+            fs = self.blur(d.clamp(0.0, 1.0).reshape(d.shape[0], 1, *out.grid))
+            fs = F.interpolate(fs, size=size, mode="bilinear", align_corners=True)[:, 0]
+            m = (1.0 - self.weight) * torch.sigmoid(2.0 * g / n - 1.0) + self.weight * fs
+            m = m.clamp(1e-7, 1.0 - 1e-7)
+            raw = n * (torch.log(m / (1.0 - m)) + 1.0) * 0.5
+            return raw, 0.5 * (score + fs.flatten(1).amax(1))
 
         def blur(self, g: torch.Tensor) -> torch.Tensor:
             """kornia ``gaussian_blur2d`` (separable, reflect border) as two fixed convolutions."""
@@ -74,6 +95,8 @@ def _export_module(model, text, domain: str, routing_outputs: bool):
             g = self.blur(total.reshape(total.shape[0], 1, *out.grid))
             g = F.interpolate(g, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=True)[:, 0]
             outputs = (g, image_score(out.det_feature, self.text))
+            if self.n_bank:
+                outputs = self.fused(out, g, outputs[1], tuple(images.shape[-2:]))
             if self.routing_outputs:
                 outputs = outputs + tuple(r.indices for r in out.routing)
             return outputs
@@ -107,7 +130,7 @@ def _has_onnxscript() -> bool:
 
 
 def _export(model, path: Path, obj: str, dom: str, size: int, routing_outputs: bool, exporter: str,
-            opset: Optional[int]) -> str:
+            opset: Optional[int], bank=None, weight: float = 0.5) -> str:
     """Write the graph to ``path``; returns the exporter used.
 
     ``auto`` tries the TorchScript exporter first (seconds instead of minutes for ViT-L, and
@@ -119,7 +142,7 @@ def _export(model, path: Path, obj: str, dom: str, size: int, routing_outputs: b
         raise MoECLIPError(f"unknown exporter {exporter!r} (use {', '.join(EXPORTERS)})")
     with torch.no_grad():
         text = model.text_features(obj)
-    module = _export_module(model, text, dom, routing_outputs)
+    module = _export_module(model, text, dom, routing_outputs, bank, weight)
     names = list(OUTPUT_NAMES) + ([f"routing.{i}" for i in range(len(model.moe))] if routing_outputs else [])
     example = torch.zeros(2, 3, size, size)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,14 +209,20 @@ def export_onnx(detector, path: str | Path, object: Optional[str] = None, domain
     model = detector.model
     device = next(model.parameters()).device
     size = int(detector.image_size)
+    refs = getattr(detector, "references", None)
+    bank = refs.get(obj) if refs else None
 
     def write(tmp: str) -> None:  # the graph, then its metadata, into a temporary file
         model.cpu().eval()  # exported on the CPU in fp32; moved back afterwards
         try:
-            used = _export(model, Path(tmp), obj, dom, size, routing_outputs, exporter, opset)
+            used = _export(model, Path(tmp), obj, dom, size, routing_outputs, exporter, opset, bank,
+                           refs.weight if refs else 0.5)
         finally:
             model.to(device)
-        _write_metadata(onnx, tmp, _metadata(detector, dep, obj, dom, size, used, checkpoint))
+        meta = _metadata(detector, dep, obj, dom, size, used, checkpoint)
+        if bank is not None:
+            meta["references"] = str(bank.num_references)
+        _write_metadata(onnx, tmp, meta)
 
     atomic_write(path, write)
     return path
@@ -248,6 +277,17 @@ def compare_onnx(detector, path: str | Path, images=None, object: Optional[str] 
     with torch.no_grad():
         text = detector.model.text_features(object or runner.object).to(device)
         ref = detector.model.predict(images.to(device), text, runner.domain)
+    refs = getattr(detector, "references", None)
+    bank = refs.get(object or runner.object) if refs else None
+    if bank is not None:  # few-shot export: compare the fused outputs
+        from ..model.fewshot import predict_with_bank
+        from ..model.fusion import fused_raw
+
+        fs = predict_with_bank(detector.model, images.to(device), text, bank.to(device), runner.domain)
+        maps, scores = fused_raw(fs["anomaly_map"].cpu().numpy(), fs["few_shot_map"].cpu().numpy(),
+                                 fs["image_score"].cpu().numpy(), runner.num_maps, refs.weight)
+        ref = {"anomaly_map": torch.from_numpy(maps), "image_score": torch.from_numpy(scores),
+               "vision": ref["vision"]}
     diffs: Dict[str, Any] = {
         "batch": int(images.shape[0]),
         "anomaly_map": float(np.abs(onnx_out["anomaly_map"] - ref["anomaly_map"].float().cpu().numpy()).max()),

@@ -317,6 +317,11 @@ class RuntimeSpec:
     object: Optional[str] = None
     object_rules: bool = False
     openvino: Optional[str] = None  # an exported OpenVINO IR (moeclip.inference.openvino)
+    # few-shot: (object description or "" for every object, reference images spec) pairs
+    references: Tuple[Tuple[str, str], ...] = ()
+    reference_weight: float = 0.5
+    bank_size: Optional[int] = None
+    bank_fp16: bool = False
 
     def build(self) -> Built:
         from .deploy import Deployment
@@ -324,6 +329,10 @@ class RuntimeSpec:
         dep = Deployment.load(self.deploy) if self.deploy else None
         if self.openvino:
             from . import openvino
+
+            if self.references:
+                raise MoECLIPError("--openvino: few-shot references are not supported by the exported model; "
+                                   "use --checkpoint with --reference")
 
             return openvino.build(self, dep)
         if self.onnx:
@@ -337,7 +346,8 @@ class RuntimeSpec:
             det = dep.detector(checkpoint=self.checkpoint, options=self.model_options, device=self.device,
                                precision=self.precision, threshold=self.threshold, domain=self.domain,
                                pixel_threshold=self.pixel_threshold)
-            return Built(TorchRuntime(det), det.post_processor(), dep.object, "deploy")
+            self._attach_references(det)
+            return Built(det.runtime(), det.post_processor(), dep.object, "deploy")
         if not self.checkpoint:
             raise MoECLIPError("--checkpoint is required (or --deploy FILE, or --onnx MODEL)")
         from ..model.options import build_model
@@ -345,13 +355,25 @@ class RuntimeSpec:
         det = Detector(build_model(self.checkpoint, self.model_options), device=self.device,
                        precision=self.precision, domain=self.domain or "industrial", threshold=self.threshold,
                        pixel_threshold=self.pixel_threshold)
-        return Built(TorchRuntime(det), det.post_processor(), None, "flag")
+        self._attach_references(det)
+        return Built(det.runtime(), det.post_processor(), None, "flag")
+
+    def _attach_references(self, det) -> None:
+        """Few-shot: one memory bank per referenced object (:mod:`moeclip.inference.references`)."""
+        from .references import attach_references
+
+        for obj, spec in self.references:
+            attach_references(det, [spec], obj, bank_size=self.bank_size, fp16=self.bank_fp16,
+                              weight=self.reference_weight)
 
     def _build_onnx(self, dep) -> Built:
         from .onnx import OnnxRuntime
 
         if self.checkpoint:
             raise MoECLIPError("--onnx runs the exported model; drop --checkpoint")
+        if self.references:
+            raise MoECLIPError("--onnx: few-shot references are not supported by the exported model; "
+                               "use --checkpoint with --reference")
         if self.model_options:
             raise MoECLIPError(f"--onnx: model flags {sorted(self.model_options)} do not apply to an exported model")
         rt = OnnxRuntime(self.onnx, deployment=dep)
@@ -398,6 +420,8 @@ def result_record(job: Job, scored: Scored, image, post: PostProcessor, name: Op
     if scored.decision is not None:
         rec["decision"] = scored.decision
         rec["threshold"] = post.threshold
+    for key, value in scored.extra.items():  # a runtime's per-image extras (few-shot: references, parts)
+        rec[key] = value.item() if hasattr(value, "item") else value
     return rec
 
 

@@ -41,12 +41,21 @@ def anomaly_map(seg_features: Sequence[torch.Tensor], text: torch.Tensor, grid: 
     blurred and upsampled once: the same map as the reference up to float rounding, at
     a twelfth of the cost.
     """
+    total = sum(patch_anomaly(f, text) for f in seg_features)  # (B, L)
+    return smooth_patch_map(total, grid, out_size, domain)
+
+
+def smooth_patch_map(values: torch.Tensor, grid: Tuple[int, int], out_size: Tuple[int, int],
+                     domain: "Domain | str") -> torch.Tensor:
+    """Per-patch values (B, H*W) -> the domain's Gaussian blur on the grid, bilinear upsampling: (B, H, W).
+
+    The one smoothing every map goes through (zero-shot and few-shot alike), so maps built from
+    different patch scores stay comparable pixel for pixel.
+    """
     from kornia.filters import gaussian_blur2d
 
-    domain = Domain.parse(domain)
-    total = sum(patch_anomaly(f, text) for f in seg_features)  # (B, L)
-    g = total.reshape(total.shape[0], 1, *grid)
-    k, s = domain.blur
+    k, s = Domain.parse(domain).blur
+    g = values.reshape(values.shape[0], 1, *grid)
     g = gaussian_blur2d(g, (k, k), (s, s))
     g = F.interpolate(g, size=tuple(out_size), mode="bilinear", align_corners=True)
     return g[:, 0]

@@ -38,7 +38,7 @@ from ...errors import MoECLIPError
 from ...model.domain import Domain
 from ...model.prompts import GENERIC_OBJECT
 from ..deploy import Deployment
-from ..pipeline import TorchRuntime, decode, score_images
+from ..pipeline import decode, score_images
 from ..postprocess import resize_map
 from ..render import data_url, heatmap_rgb, mask_image, overlay
 
@@ -75,6 +75,15 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
         raise ApiError(422, "invalid_image", str(exc)) from None
 
 
+def _few_shot_fields(extra: Dict[str, Any]) -> Dict[str, Any]:
+    """``/predict``'s few-shot fields from a runtime's extras (0 / None when zero-shot)."""
+    def opt(value):
+        return None if value is None else float(value)
+
+    return {"references": int(extra.get("references", 0)), "zero_shot_score": opt(extra.get("zero_shot_score")),
+            "few_shot_map_max": opt(extra.get("few_shot_map_max"))}
+
+
 def _page() -> str:
     return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -90,7 +99,7 @@ class Service:
 
     def __init__(self, detector, pixel_threshold: Optional[float], max_display_side: int, max_objects: int):
         self.detector = detector
-        self.runtime = TorchRuntime(detector)
+        self.runtime = detector.runtime()  # few-shot when the detector has reference banks
         self.post = detector.post_processor()
         if pixel_threshold is not None:
             self.post.pixel_threshold = pixel_threshold
@@ -157,6 +166,9 @@ def _schemas():
         heatmap: str = Field(description="PNG data URL of the heat map")
         overlay: str = Field(description="PNG data URL of the heat map over the image")
         mask: Optional[str] = Field(None, description="PNG data URL of the binary mask (with a pixel threshold)")
+        references: int = Field(0, description="normal references of this object used (few-shot); 0: zero-shot")
+        zero_shot_score: Optional[float] = Field(None, description="few-shot: the zero-shot image score alone")
+        few_shot_map_max: Optional[float] = Field(None, description="few-shot: maximum of the few-shot map")
         elapsed_ms: float
 
     class Health(BaseModel):
@@ -286,8 +298,12 @@ def create_app(detector, deployment: Optional[Deployment] = None, *, pixel_thres
         return {"score": scored.score, "raw_score": scored.raw_score, "map_max": scored.map_max,
                 "decision": scored.decision, "threshold": service.post.threshold, "object": text,
                 "object_source": source, "domain": dom.value, "width": pil.width, "height": pil.height,
-                **service.pictures(pil, scored.anomaly_map),
+                **service.pictures(pil, scored.anomaly_map), **_few_shot_fields(scored.extra),
                 "elapsed_ms": round((time.perf_counter() - start) * 1000.0, 1)}
+
+    from .references import add_reference_routes
+
+    add_reference_routes(app, service, ApiError, _read_upload, max_upload_bytes, max_pixels)
 
     app.state.detector = detector
     app.state.service = service

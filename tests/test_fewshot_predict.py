@@ -1,0 +1,227 @@
+"""Few-shot wherever users score images: Detector.with_references and ``moeclip predict --reference``."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_checkpoint
+from PIL import Image
+
+from moeclip.cli import main
+from moeclip.data.transforms import preprocess_image
+from moeclip.inference.detector import Detector
+from moeclip.inference.postprocess import map_probability, resize_map
+from moeclip.model.checkpoint import load_model
+from moeclip.model.fewshot import build_bank, predict_with_bank
+from moeclip.model.fusion import fuse
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_clip_config, tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tiny_clip_config, tmp_path_factory.mktemp("ckpt") / "tiny", seed=4)
+
+
+def write_image(path: Path, h: int, w: int, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imgs")
+    for i in range(3):
+        write_image(root / "refs" / f"r{i}.png", 64, 64, 10 + i)
+    write_image(root / "test" / "screw" / "a.png", 48, 80, 1)
+    write_image(root / "test" / "nut" / "b.png", 64, 64, 2)
+    return root
+
+
+def test_detector_with_references_matches_the_fusion_rule(ckpt, files):
+    det = Detector.from_checkpoint(ckpt, device="cpu").with_references(files / "refs", object="screw", weight=0.3)
+    assert det.references.weight == 0.3 and det.references.get("screw").num_references == 3
+    img = files / "test" / "screw" / "a.png"
+    pred = det.predict([img], object="screw")[0]
+    # by hand: the model's two maps, then the fusion rule
+    model = load_model(ckpt)
+    refs = torch.stack([preprocess_image(Image.open(p).convert("RGB"), 64) for p in sorted((files / "refs").iterdir())])
+    bank = build_bank(model, refs, "screw")
+    x = preprocess_image(Image.open(img).convert("RGB"), 64)[None]
+    out = predict_with_bank(model, x, model.text_features("screw"), bank)
+    zs, fs, s = out["anomaly_map"][0].numpy(), out["few_shot_map"][0].numpy(), float(out["image_score"][0])
+    want = fuse(zs, fs, s, 12, "industrial", 0.3)
+    assert pred.score == pytest.approx(want.score, abs=1e-5)
+    assert pred.extra["references"] == 3
+    assert pred.extra["zero_shot_raw_score"] == pytest.approx(s, abs=1e-6)
+    assert pred.extra["few_shot_map_max"] == pytest.approx(want.few_shot_map_max, abs=1e-6)
+    assert pred.extra["zero_shot_map_max"] == pytest.approx(want.zero_shot_map_max, abs=1e-4)
+    # the map comes back on the raw scale: its probability is the fused map, at the image's size
+    assert pred.anomaly_map.shape == (48, 80)
+    np.testing.assert_allclose(map_probability(pred.anomaly_map, 12), resize_map(want.anomaly_map, (48, 80)),
+                               atol=2e-3)
+    assert float(map_probability(pred.map_max, 12)) == pytest.approx(want.map_max, abs=1e-5)
+    # another object has no bank: zero-shot, as a detector without references
+    plain = Detector.from_checkpoint(ckpt, device="cpu").predict([img], object="nut")[0]
+    other = det.predict([img], object="nut")[0]
+    assert other.extra["references"] == 0 and other.score == pytest.approx(plain.score, abs=1e-6)
+    # a reference scored against its own bank: a near-zero few-shot part
+    own = det.predict([files / "refs" / "r1.png"], object="screw")[0]
+    assert own.extra["few_shot_map_max"] < 1e-4
+
+
+def read_results(out: Path):
+    return {Path(r["path"]).name: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+
+
+def test_predict_reference_flags_and_results(ckpt, files, tmp_path):
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(ckpt), "--device", "cpu", str(files / "test"), "--out", str(out),
+                 "--object", "screw=a screw", "--reference", f"screw={files / 'refs' / '*.png'}",
+                 "--reference-weight", "0.3", "--bank-size", "100", "--bank-fp16"]) == 0
+    rows = read_results(out)
+    assert rows["a.png"]["references"] == 3 and rows["b.png"]["references"] == 0
+    for key in ("raw_score", "zero_shot_raw_score", "zero_shot_map_max", "zero_shot_score", "few_shot_map_max"):
+        assert key in rows["a.png"]
+    assert "few_shot_map_max" not in rows["b.png"]
+    det = Detector.from_checkpoint(ckpt, device="cpu").with_references(
+        files / "refs", object="a screw", weight=0.3, bank_size=100, fp16=True)
+    want = det.predict([files / "test" / "screw" / "a.png"], object="a screw")[0]
+    assert rows["a.png"]["score"] == pytest.approx(want.score, abs=1e-5)
+    raw = np.load(out / "maps" / "a.npy")
+    np.testing.assert_allclose(raw, want.anomaly_map, atol=1e-4)
+    # one folder of references for every image
+    out2 = tmp_path / "out2"
+    assert main(["predict", "--checkpoint", str(ckpt), "--device", "cpu", str(files / "test"), "--out", str(out2),
+                 "--reference", str(files / "refs")]) == 0
+    assert {r["references"] for r in read_results(out2).values()} == {3}
+
+
+def test_predict_reference_errors(ckpt, files, tmp_path, capsys):
+    base = ["predict", "--checkpoint", str(ckpt), "--device", "cpu", str(files / "test")]
+    assert main(base + ["--out", str(tmp_path / "a"), "--reference", f"bolt={files / 'refs'}"]) == 2
+    assert "no --object bolt=DESC" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "b"), "--reference", str(files / "nothing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "c"), "--reference", str(files / "refs"),
+                        "--reference-weight", "2"]) == 2
+    assert "--reference-weight must be in [0, 1]" in capsys.readouterr().err
+
+
+def png_bytes(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_serve_references(ckpt, files):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("multipart")
+    from fastapi.testclient import TestClient
+
+    from moeclip.inference.serve import create_app
+
+    det = Detector.from_checkpoint(ckpt, device="cpu")
+    with TestClient(create_app(det, max_upload_bytes=200_000)) as c:
+        assert c.get("/references").json() == {"weight": None, "objects": []}
+        test_img = png_bytes(3)
+        before = c.post("/predict", files={"image": ("t.png", test_img, "image/png")}, data={"object": "nut"}).json()
+        assert before["references"] == 0 and before["few_shot_map_max"] is None
+        refs = [("images", (f"r{i}.png", png_bytes(20 + i), "image/png")) for i in range(2)]
+        r = c.post("/references", files=refs, data={"object": "nut"})
+        assert r.status_code == 200, r.text
+        assert r.json()["references"] == 2 and r.json()["objects"][0]["object"] == "nut"
+        after = c.post("/predict", files={"image": ("t.png", test_img, "image/png")}, data={"object": "nut"}).json()
+        assert after["references"] == 2 and after["zero_shot_score"] == pytest.approx(before["score"], abs=1e-5)
+        # the same as the Python API with the same references
+        want = Detector.from_checkpoint(ckpt, device="cpu").with_references(
+            [Image.open(io.BytesIO(png_bytes(20 + i))) for i in range(2)], object="nut")
+        assert after["score"] == pytest.approx(
+            want.predict([Image.open(io.BytesIO(test_img))], object="nut")[0].score, abs=1e-5)
+        # a reference scores (near) zero on the few-shot part; other objects stay zero-shot
+        own = c.post("/predict", files={"image": ("r.png", png_bytes(21), "image/png")}, data={"object": "nut"}).json()
+        assert own["few_shot_map_max"] < 1e-4
+        other = c.post("/predict", files={"image": ("t.png", test_img, "image/png")}, data={"object": "bolt"}).json()
+        assert other["references"] == 0
+        # bad uploads: as for /predict
+        bad = c.post("/references", files=[("images", ("x.txt", b"hello", "text/plain"))], data={"object": "nut"})
+        assert bad.status_code == 415 and "x.txt" in bad.json()["detail"]
+        listing = c.get("/references").json()
+        assert listing["weight"] == 0.5 and [o["references"] for o in listing["objects"]] == [2]
+
+
+def test_calibrate_leave_one_out_then_predict_with_the_deployment(ckpt, files, tmp_path):
+    from moeclip.inference.deploy import Deployment
+    from moeclip.inference.references import FusedScorer, bank_from_images, load_references
+
+    refs = sorted((files / "refs").iterdir())
+    # the scorer, leave-one-out: each image against a bank of the other images only
+    det = Detector.from_checkpoint(ckpt, device="cpu")
+    pils, names = load_references([str(p) for p in refs])
+    full = bank_from_images(det.model, pils, "screw", names=names)
+    maps, scores, _ = FusedScorer(det, full, 0.5, leave_one_out=True).raw(pils, "screw", "industrial")
+    maps, scores = torch.from_numpy(maps), torch.from_numpy(scores)
+    for i in range(3):
+        others = [p for j, p in enumerate(refs) if j != i]
+        want = Detector.from_checkpoint(ckpt, device="cpu").with_references(others, object="screw")
+        raw = want.runtime().raw([pils[i]], "screw", "industrial")
+        np.testing.assert_allclose(maps[i].numpy(), raw[0][0], atol=1e-5)
+        assert float(scores[i]) == pytest.approx(float(raw[1][0]), abs=1e-6)
+        assert raw[2]["few_shot_map_max"][0] > 1e-3  # not compared with itself
+    # the CLI: deployment + bank beside it; predict --deploy then scores few-shot
+    dep_path = tmp_path / "deploy.json"
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--device", "cpu", "--normal", str(files / "refs"),
+                 "--object", "screw", "--reference", "--out", str(dep_path)]) == 0
+    dep = Deployment.load(dep_path)
+    assert Path(dep.references).name == "deploy.bank.safetensors" and Path(dep.references).is_file()
+    assert dep.calibration["few_shot"]["leave_one_out"] is True and dep.calibration["few_shot"]["references"] == 3
+    assert dep.calibration["observed"]["map_max"] == pytest.approx(float(maps.amax()), abs=1e-5)
+    out = tmp_path / "preds"
+    assert main(["predict", "--deploy", str(dep_path), "--device", "cpu", str(files / "test" / "screw"),
+                 "--out", str(out)]) == 0
+    row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert row["references"] == 3 and "decision" in row
+    deployed = dep.detector(device="cpu")
+    want = deployed.predict([files / "test" / "screw" / "a.png"], object="screw")[0]
+    assert row["score"] == pytest.approx(want.score, abs=1e-6) and want.extra["references"] == 3
+    # separate reference images (not leave-one-out)
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--device", "cpu", "--normal", str(files / "test"),
+                 "--object", "screw", "--reference", str(files / "refs"), "--bank-size", "50",
+                 "--out", str(tmp_path / "d2.json")]) == 0
+    d2 = Deployment.load(tmp_path / "d2.json")
+    assert d2.calibration["few_shot"] == {"references": 3, "leave_one_out": False, "bank_size": 50,
+                                          "bank_fp16": False}
+
+
+def test_onnx_export_bakes_the_bank_in(ckpt, files, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from moeclip.inference.onnx import OnnxRuntime, compare_onnx, read_metadata
+
+    dep_path = tmp_path / "deploy.json"
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--device", "cpu", "--normal", str(files / "refs"),
+                 "--object", "screw", "--reference", "--out", str(dep_path)]) == 0
+    model_path = tmp_path / "m.onnx"
+    assert main(["export", "onnx", "--deploy", str(dep_path), "--out", str(model_path), "--exporter",
+                 "torchscript"]) == 0
+    from moeclip.inference.deploy import Deployment
+
+    det = Deployment.load(dep_path).detector(device="cpu")
+    diffs = compare_onnx(det, model_path)
+    assert diffs["anomaly_map"] < 1e-4 and diffs["image_score"] < 1e-5
+    rt = OnnxRuntime(model_path)
+    assert read_metadata(model_path)["references"] == "3"
+    img = Image.open(files / "test" / "screw" / "a.png").convert("RGB")
+    onnx_maps, onnx_scores = rt.raw([img])[:2]
+    torch_maps, torch_scores = det.runtime().raw([img], "screw", "industrial")[:2]
+    assert np.abs(onnx_maps - torch_maps).max() < 1e-4 and np.abs(onnx_scores - torch_scores).max() < 1e-5
+    # predict --onnx and predict --deploy give the same results
+    for flag, path, out in (("--onnx", model_path, "po"), ("--deploy", dep_path, "pd")):
+        assert main(["predict", flag, str(path), str(files / "test" / "screw"), "--out", str(tmp_path / out)]) == 0
+    a = json.loads((tmp_path / "po" / "results.jsonl").read_text().splitlines()[0])
+    b = json.loads((tmp_path / "pd" / "results.jsonl").read_text().splitlines()[0])
+    assert a["score"] == pytest.approx(b["score"], abs=1e-5)
