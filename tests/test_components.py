@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeclip.model.config import AdapterConfig, BackboneConfig
 from moeclip.errors import MoECLIPError
+from moeclip.model.backbone import create_clip
+from moeclip.model.config import AdapterConfig, BackboneConfig
 from moeclip.model.experts import LoRAExperts
 from moeclip.model.fofs import feature_chunks, fofs_down_projections
 from moeclip.model.losses import balance_loss, etf_loss
 from moeclip.model.moeclip import MoECLIP
 from moeclip.model.paa import patch_average
 from moeclip.model.router import Router
-from moeclip.model.backbone import create_clip
 
 
 # ----------------------------------------------------------------------------- FOFS
@@ -235,8 +235,8 @@ def test_grad_checkpoint_gives_same_gradients(tiny_clip_config, options):
         grads.append([p.grad.clone() for p in model.trainable_parameters()])
     assert losses[0].shape == (model.adapter_config.num_maps,)
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for a, b in zip(*grads):  # relative to the tensor's scale: the text gradient sums 12 maps in another order
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max().clamp_min(1e-12)
 
 
 def test_separate_projections_and_no_paa(tiny_clip_config):
