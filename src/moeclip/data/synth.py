@@ -906,7 +906,8 @@ def add_synth_arguments(parser) -> None:
     parser.add_argument("--categories", default="all", metavar="LIST",
                         help="comma-separated families, or train / heldout / all (default: all). "
                              f"Families: {', '.join(list_families())}")
-    parser.add_argument("--normal", type=int, default=10, metavar="N", help="normal test images per category (default 10)")
+    parser.add_argument("--normal", type=int, default=10, metavar="N",
+                        help="normal test images per category (default 10)")
     parser.add_argument("--anomalous", type=int, default=12, metavar="N",
                         help="anomalous test images per category, cycling defect types (default 12)")
     parser.add_argument("--train-normal", type=int, default=0, metavar="N",
