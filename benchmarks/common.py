@@ -143,6 +143,26 @@ def summary(times: Sequence[float]) -> Dict[str, Any]:
             "all": [round(t, 6) for t in times]}
 
 
+def count_ops(fn: Callable[[], Any], repeats: int = 3) -> Dict[str, float]:
+    """Operations per call of ``fn`` from ``torch.profiler`` (issue 16): top-level aten ops (each
+    one a dispatch, the per-operation overhead that dominates small models), all aten ops
+    (nested included) and autograd nodes run in backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            fn()
+    events = list(prof.events())
+
+    def is_aten(e) -> bool:
+        return e.name.startswith("aten::")
+
+    top = sum(1 for e in events if is_aten(e) and (e.cpu_parent is None or not is_aten(e.cpu_parent)))
+    nodes = sum(1 for e in events if e.name.startswith("autograd::engine::evaluate_function"))
+    return {"aten_ops_top_level": top / repeats, "aten_ops_all": sum(1 for e in events if is_aten(e)) / repeats,
+            "autograd_nodes": nodes / repeats}
+
+
 # ---------------------------------------------------------------------------- memory
 def _proc_status_kb(field: str) -> Optional[int]:
     try:

@@ -38,6 +38,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--compare-cast", action="store_true",
                         help="bf16/fp16: also time a second copy left to plain autocast (frozen weights "
                              "re-cast every forward), interleaved, and report what casting once saves")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="also count aten operations per MoECLIP predict call (torch.profiler)")
     args = parser.parse_args(argv)
     device = common.setup(args)
 
@@ -81,6 +83,7 @@ def main(argv=None) -> dict:
                    moeclip_autocast_only=run_plain)
     cpu = {}
     times = common.bench(fns, device, args.warmup, args.repeats, cpu_times=cpu)
+    ops = common.count_ops(run_moeclip) if args.count_ops else None
     s = {k: common.summary(v) for k, v in times.items()}
     sc = {k: common.summary(v) for k, v in cpu.items()}
     clip_s, moe_s, post_s = s["clip"]["median"], s["moeclip"]["median"], s["postproc"]["median"]
@@ -105,6 +108,8 @@ def main(argv=None) -> dict:
         "times": s,
         "cpu_times": sc,
         "machine": common.machine_info(device),
+        "moeclip_ms_per_image_cpu": 1000 * sc["moeclip"]["median"] / B if device.type == "cpu" else None,
+        "ops_per_predict": ops,
     }
     if compare:
         doc["cast_compare"] = {
@@ -133,6 +138,9 @@ def main(argv=None) -> dict:
     if device.type == "cpu":
         print(f"process CPU time (median): CLIP {sc['clip']['median']:.3f} s, MoECLIP {sc['moeclip']['median']:.3f} s, "
               f"ratio x{doc['ratio_cpu_time']:.3f}, anomaly_map {100 * doc['postproc_share_cpu_time']:.2f}%")
+    if ops:
+        print(f"MoECLIP predict: {ops['aten_ops_top_level']:.0f} top-level aten ops per call "
+              f"({ops['aten_ops_all']:.0f} with nested)")
     common.finish(doc, args.json)
     return doc
 

@@ -37,6 +37,8 @@ def parse(argv=None):
                         help="run without and with --grad-checkpoint (separate processes) and compare")
     parser.add_argument("--released", action="store_true", help="released-code training (no ETF/balance loss)")
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--count-ops", action="store_true",
+                        help="also count aten operations and autograd nodes per step (torch.profiler, 3 extra steps)")
     parser.add_argument("--timeout", type=float, default=1800, help="per-variant subprocess timeout (s)")
     return parser.parse_args(argv)
 
@@ -69,8 +71,10 @@ def run_single(args) -> dict:
         phases["backward_step"].append(time.perf_counter() - t1)
         return losses["total"].detach()
 
+    cpu = {}
     with common.PeakMemory(device) as mem:
-        times = common.bench({"step": step}, device, args.warmup, args.repeats)
+        times = common.bench({"step": step}, device, args.warmup, args.repeats, cpu_times=cpu)
+    ops = common.count_ops(step) if args.count_ops else None
     n = args.warmup  # drop the warm-up entries of the phase split
     s = common.summary(times["step"])
     doc = {
@@ -79,6 +83,10 @@ def run_single(args) -> dict:
                    "released": bool(args.released), "optimizer": "Adam(betas=(0.5, 0.999))"},
         "step_s": s["median"],
         "images_per_s": args.batch_size / s["median"],
+        # process CPU time (all threads): on a shared machine it does not count waiting for a core
+        "step_cpu_s": common.summary(cpu["step"])["median"],
+        "ms_per_image_cpu": 1000 * common.summary(cpu["step"])["median"] / args.batch_size,
+        "ops_per_step": ops,
         "forward_loss_s": common.summary(phases["forward_loss"][n:])["median"],
         "backward_step_s": common.summary(phases["backward_step"][n:])["median"],
         "peak_extra_mib": common.mib(mem.extra_bytes),
@@ -124,6 +132,12 @@ def main(argv=None) -> dict:
           f"{c['device']}, released={c['released']} (median of {c['repeats']} after {c['warmup']} warm-up); "
           f"memory: {doc.get('memory', doc.get('without_grad_checkpoint', {}).get('memory', {})).get('method')}")
     common.print_table(rows, ["variant", "step s", "fwd+loss s", "bwd+Adam s", "peak extra MiB"])
+    if doc.get("step_cpu_s") is not None:
+        print(f"process CPU time per step (median): {doc['step_cpu_s']:.4f} s, {doc['ms_per_image_cpu']:.2f} ms/image")
+    if doc.get("ops_per_step"):
+        o = doc["ops_per_step"]
+        print(f"per step: {o['aten_ops_top_level']:.0f} top-level aten ops ({o['aten_ops_all']:.0f} with nested), "
+              f"{o['autograd_nodes']:.0f} autograd nodes")
     common.finish(doc, args.json)
     return doc
 

@@ -73,6 +73,16 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path, small_dataset):
     assert a["disc/test/good/000.png"] != b["disc/test/good/000.png"]
 
 
+def test_worker_processes_write_the_same_files(tmp_path, small_dataset):
+    out, _ = small_dataset
+    parallel = tmp_path / "parallel"
+    synth.generate_dataset(parallel, categories=["stripes", "disc"], n_normal=2, n_anomalous=6,
+                           image_size=SIZE, seed=3, n_train=1, workers=2)
+    assert _files(parallel) == _files(out)
+    with pytest.raises(MoECLIPError, match="workers"):
+        synth.generate_dataset(tmp_path / "w0", categories="disc", workers=0)
+
+
 def test_a_category_does_not_depend_on_the_others(tmp_path, small_dataset):
     out, _ = small_dataset
     alone = tmp_path / "alone"

@@ -785,6 +785,32 @@ def _save_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path, format="PNG", compress_level=3)
 
 
+def _write_image(job: Tuple[int, str, str, str, int, str, Optional[str], int, float]) -> None:
+    """Draw one planned image (and its mask) and write it; its seed depends only on its own plan entry."""
+    seed, cat, split, kind, i, img_path, mask_path, image_size, defect_scale = job
+    rng = np.random.default_rng(_seed_for(seed, cat, f"{split}/{'good' if kind == 'good' else 'bad'}", i))
+    img, mask, _ = draw_sample(cat, rng, image_size, None if kind == "good" else kind, defect_scale)
+    _save_png(Path(img_path), img)
+    if mask_path is not None:
+        _save_png(Path(mask_path), mask.astype(np.uint8) * 255)
+
+
+def _run_jobs(jobs: List[tuple], workers: int) -> None:
+    """Write the images in this process or in ``workers`` processes; the files are the same either way."""
+    if workers <= 1 or len(jobs) < 2 * workers:
+        for job in jobs:
+            _write_image(job)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if "fork" in methods else "spawn")  # fork: no re-import, starts at once
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        for _ in pool.map(_write_image, jobs, chunksize=max(1, len(jobs) // (8 * workers))):
+            pass
+
+
 def _prepare_out_dir(out: Path, categories: Sequence[str], overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise MoECLIPError(f"output path {out} exists and is not a folder")
@@ -807,12 +833,14 @@ def _prepare_out_dir(out: Path, categories: Sequence[str], overwrite: bool) -> N
 
 def generate_dataset(out_dir, categories=None, n_normal: int = 10, n_anomalous: int = 12,
                      image_size: int = 96, seed: int = 0, overwrite: bool = False,
-                     n_train: int = 0, defect_scale: float = 1.0) -> dict:
+                     n_train: int = 0, defect_scale: float = 1.0, workers: int = 1) -> dict:
     """Write a synthetic MVTec-style dataset and return a summary with per-category counts.
 
     Anomalous images cycle through the family's defect types (in a seeded order), so every
     type appears once there are at least as many anomalous images as types.
     ``n_train`` > 0 also writes ``train/good`` normals (not needed for zero-shot use).
+    ``workers`` > 1 draws and writes in that many processes: every image has its own seed,
+    so the files are identical for any worker count.
     """
     out = Path(out_dir).expanduser().resolve()
     names = resolve_categories(categories)
@@ -823,10 +851,13 @@ def generate_dataset(out_dir, categories=None, n_normal: int = 10, n_anomalous: 
         raise MoECLIPError("nothing to generate: all image counts are 0")
     if not 32 <= int(image_size) <= 1024:
         raise MoECLIPError(f"image size must be between 32 and 1024 px, got {image_size}")
+    if int(workers) < 1:
+        raise MoECLIPError(f"workers must be >= 1, got {workers}")
     _prepare_out_dir(out, names, overwrite)
 
     start = time.perf_counter()
     counts: Dict[str, Dict[str, int]] = {}
+    jobs: List[tuple] = []
     for cat in names:
         cdir = out / cat
         plan = [("train", "good", i) for i in range(n_train)] + \
@@ -839,16 +870,14 @@ def generate_dataset(out_dir, categories=None, n_normal: int = 10, n_anomalous: 
                 (cdir / "ground_truth" / folder[1]).mkdir(parents=True, exist_ok=True)
         tally: Dict[str, int] = {}
         for split, kind, i in plan:
-            rng = np.random.default_rng(_seed_for(seed, cat, f"{split}/{'good' if kind == 'good' else 'bad'}", i))
-            img, mask, _ = draw_sample(cat, rng, image_size, None if kind == "good" else kind, defect_scale)
             key = "train_good" if split == "train" else kind
             num = tally.get(key, 0)
             tally[key] = num + 1
-            _save_png(cdir / split / kind / f"{num:03d}.png", img)
-            if kind != "good":
-                _save_png(cdir / "ground_truth" / kind / f"{num:03d}_mask.png",
-                          mask.astype(np.uint8) * 255)
+            mask_path = None if kind == "good" else str(cdir / "ground_truth" / kind / f"{num:03d}_mask.png")
+            jobs.append((int(seed), cat, split, kind, i, str(cdir / split / kind / f"{num:03d}.png"), mask_path,
+                         int(image_size), float(defect_scale)))
         counts[cat] = tally
+    _run_jobs(jobs, int(workers))
     seconds = time.perf_counter() - start
 
     from .. import __version__
@@ -877,7 +906,8 @@ def add_synth_arguments(parser) -> None:
     parser.add_argument("--categories", default="all", metavar="LIST",
                         help="comma-separated families, or train / heldout / all (default: all). "
                              f"Families: {', '.join(list_families())}")
-    parser.add_argument("--normal", type=int, default=10, metavar="N", help="normal test images per category (default 10)")
+    parser.add_argument("--normal", type=int, default=10, metavar="N",
+                        help="normal test images per category (default 10)")
     parser.add_argument("--anomalous", type=int, default=12, metavar="N",
                         help="anomalous test images per category, cycling defect types (default 12)")
     parser.add_argument("--train-normal", type=int, default=5, metavar="N",
@@ -889,6 +919,8 @@ def add_synth_arguments(parser) -> None:
                         help="draw defects this many times larger relative to the image (default 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty folder, replacing generated categories")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="draw and write in N processes (same files for any N; default 1)")
 
 
 def run_synth(args) -> int:
@@ -896,7 +928,8 @@ def run_synth(args) -> int:
     summary = generate_dataset(args.out, categories=args.categories, n_normal=args.normal,
                                n_anomalous=args.anomalous, image_size=args.size, seed=args.seed,
                                overwrite=args.overwrite, n_train=getattr(args, "train_normal", 0),
-                               defect_scale=getattr(args, "defect_scale", 1.0))
+                               defect_scale=getattr(args, "defect_scale", 1.0),
+                               workers=getattr(args, "workers", 1))
     counts = summary["counts"]
     cols = [c for c in ("train_good", "good") + DEFECT_TYPES if any(c in t for t in counts.values())]
     width = max([len("category")] + [len(c) for c in counts])

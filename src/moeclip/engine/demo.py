@@ -10,14 +10,15 @@ per-class descriptions.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Dict, Optional
 
-from ..model.config import AdapterConfig, BackboneConfig, ModelConfig
 from ..errors import MoECLIPError
+from ..model.config import AdapterConfig, BackboneConfig, ModelConfig
 
 SHARED_DESCRIPTION = "object"
 SUMMARY_KEYS = ("pixel_auroc", "pixel_ap", "image_auroc", "image_ap")
@@ -50,14 +51,8 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig, say=print) -> Dict:
     import torch
 
-    from ..model.checkpoint import save_checkpoint
-    from ..data.synth import DEFAULT_HELDOUT_CATEGORIES, DEFAULT_TRAIN_CATEGORIES, generate_dataset
-    from .evaluate import evaluate_source, format_table
-    from .sources import build_source
-    from .train import Trainer, TrainConfig, prepare_run_dir
-    from ..model.moeclip import MoECLIP
-    from ..analysis.overlay import save_triptych
     from ..precision import resolve_device
+    from .evaluate import evaluate_source, format_table
 
     t0 = time.time()
     out = Path(cfg.out)
@@ -65,35 +60,14 @@ def run_demo(cfg: DemoConfig, say=print) -> Dict:
         raise MoECLIPError(f"{out}: output directory is not empty (use --overwrite)")
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-
-    say(f"[1/5] generating synthetic data in {out / 'data'}")
-    n_tr, n_ho = cfg.train_per_category, cfg.heldout_per_category
-    generate_dataset(out / "data" / "train", DEFAULT_TRAIN_CATEGORIES, n_normal=n_tr // 2, n_anomalous=n_tr - n_tr // 2,
-                     image_size=cfg.image_size, seed=cfg.seed, overwrite=True, defect_scale=cfg.defect_scale)
-    generate_dataset(out / "data" / "heldout", DEFAULT_HELDOUT_CATEGORIES, n_normal=n_ho // 2,
-                     n_anomalous=n_ho - n_ho // 2, image_size=cfg.image_size, seed=cfg.seed + 1, overwrite=True,
-                     defect_scale=cfg.defect_scale)
-    shared = out / "data" / "shared-description.json"
-    shared.write_text(json.dumps({c: SHARED_DESCRIPTION for c in DEFAULT_TRAIN_CATEGORIES + DEFAULT_HELDOUT_CATEGORIES}))
-    train_src = build_source(f"folder={out / 'data' / 'train'}", descriptions=str(shared), report=say)
-    held_src = build_source(f"folder={out / 'data' / 'heldout'}", descriptions=str(shared), report=say)
-    say(f"      training categories: {', '.join(DEFAULT_TRAIN_CATEGORIES)} ({len(train_src.samples)} images)")
-    say(f"      held-out categories: {', '.join(DEFAULT_HELDOUT_CATEGORIES)} ({len(held_src.samples)} images, "
-        "never seen in training)")
+    train_src, held_src = _make_data(cfg, out, say)
 
     say("[2/5] building the model")
     if not cfg.clip_model:
         # the tiny model gains nothing from a second compute thread, and one thread is immune to a
         # busy machine; the second core decodes and augments the next batches (one loader worker)
         torch.set_num_threads(1)
-    torch.manual_seed(cfg.seed)
-    backbone = BackboneConfig(model=cfg.clip_model or builtin_clip_config(), pretrained=cfg.clip_weights,
-                              image_size=cfg.image_size)
-    model = MoECLIP.from_config(ModelConfig(backbone, AdapterConfig())).to(device)
-    say(f"      CLIP: {'built-in tiny config, random weights' if not cfg.clip_model else cfg.clip_model}; "
-        f"{sum(p.numel() for p in model.trainable_parameters()):,} trainable adapter parameters")
-    say(f"      prompts: every category is described as {SHARED_DESCRIPTION!r} (a random-weight text encoder "
-        "cannot ground category names)")
+    model = _build_model(cfg, device, say)
 
     def evaluate(tag):
         res = evaluate_source(model, held_src, image_size=cfg.image_size, device=device, batch_size=32,
@@ -103,19 +77,77 @@ def run_demo(cfg: DemoConfig, say=print) -> Dict:
 
     say("[3/5] zero-shot evaluation before training")
     before = evaluate("before training")
-
     say(f"[4/5] training {cfg.steps} steps (batch {cfg.batch_size}, Adam lr {cfg.lr})")
-    run_dir = out / "run"
+    steps, train_seconds = _train(cfg, model, train_src, out / "run", device)
+    say("[5/5] zero-shot evaluation after training")
+    after = evaluate("after training")
+    doc = _write_outputs(cfg, model, out, before, after, steps, train_seconds)
+    doc["total_seconds"] = round(time.time() - t0, 1)
+    (out / "demo_results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    _print_summary(doc, out, say)
+    return doc
+
+
+def _make_data(cfg: DemoConfig, out: Path, say):
+    """Step 1: the synthetic training and held-out sets, every category described the same way."""
+    from ..data.synth import DEFAULT_HELDOUT_CATEGORIES, DEFAULT_TRAIN_CATEGORIES, generate_dataset
+    from .sources import build_source
+
+    say(f"[1/5] generating synthetic data in {out / 'data'}")
+    n_tr, n_ho = cfg.train_per_category, cfg.heldout_per_category
+    workers = min(4, os.cpu_count() or 1)  # the images do not depend on it
+    generate_dataset(out / "data" / "train", DEFAULT_TRAIN_CATEGORIES, n_normal=n_tr // 2,
+                     n_anomalous=n_tr - n_tr // 2, image_size=cfg.image_size, seed=cfg.seed, overwrite=True,
+                     defect_scale=cfg.defect_scale, workers=workers)
+    generate_dataset(out / "data" / "heldout", DEFAULT_HELDOUT_CATEGORIES, n_normal=n_ho // 2,
+                     n_anomalous=n_ho - n_ho // 2, image_size=cfg.image_size, seed=cfg.seed + 1, overwrite=True,
+                     defect_scale=cfg.defect_scale, workers=workers)
+    shared = out / "data" / "shared-description.json"
+    categories = DEFAULT_TRAIN_CATEGORIES + DEFAULT_HELDOUT_CATEGORIES
+    shared.write_text(json.dumps({c: SHARED_DESCRIPTION for c in categories}))
+    train_src = build_source(f"folder={out / 'data' / 'train'}", descriptions=str(shared), report=say)
+    held_src = build_source(f"folder={out / 'data' / 'heldout'}", descriptions=str(shared), report=say)
+    say(f"      training categories: {', '.join(DEFAULT_TRAIN_CATEGORIES)} ({len(train_src.samples)} images)")
+    say(f"      held-out categories: {', '.join(DEFAULT_HELDOUT_CATEGORIES)} ({len(held_src.samples)} images, "
+        "never seen in training)")
+    return train_src, held_src
+
+
+def _build_model(cfg: DemoConfig, device, say):
+    import torch
+
+    from ..model.moeclip import MoECLIP
+
+    torch.manual_seed(cfg.seed)
+    backbone = BackboneConfig(model=cfg.clip_model or builtin_clip_config(), pretrained=cfg.clip_weights,
+                              image_size=cfg.image_size)
+    model = MoECLIP.from_config(ModelConfig(backbone, AdapterConfig())).to(device)
+    say(f"      CLIP: {'built-in tiny config, random weights' if not cfg.clip_model else cfg.clip_model}; "
+        f"{sum(p.numel() for p in model.trainable_parameters()):,} trainable adapter parameters")
+    say(f"      prompts: every category is described as {SHARED_DESCRIPTION!r} (a random-weight text encoder "
+        "cannot ground category names)")
+    return model
+
+
+def _train(cfg: DemoConfig, model, train_src, run_dir: Path, device):
+    """Step 4: ``cfg.steps`` optimiser steps (a fixed count: the same run on any machine)."""
+    from .train import TrainConfig, Trainer, prepare_run_dir
+
     prepare_run_dir(run_dir, resume=False, overwrite=True)
     tcfg = TrainConfig(epochs=10 ** 6, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, max_steps=cfg.steps,
                        include_backbone=True, workers=cfg.workers)
     trainer = Trainer(model, [train_src], tcfg, run_dir, device, progress=cfg.progress)
-    t_train = time.time()
+    t = time.time()
     trainer.train()
-    train_seconds = time.time() - t_train
+    return trainer.step, time.time() - t
 
-    say("[5/5] zero-shot evaluation after training")
-    after = evaluate("after training")
+
+def _write_outputs(cfg: DemoConfig, model, out: Path, before, after, steps: int, train_seconds: float) -> Dict:
+    """Checkpoint, overlays of the held-out images (anomalous first) and the results document."""
+    from ..analysis.overlay import save_triptych
+    from ..data.synth import DEFAULT_HELDOUT_CATEGORIES, DEFAULT_TRAIN_CATEGORIES
+    from ..model.checkpoint import save_checkpoint
+
     ckpt = save_checkpoint(model, out / "checkpoint", include_backbone=True, overwrite=True,
                            meta={"demo": True, "description": SHARED_DESCRIPTION, "steps": cfg.steps})
     overlays = out / "overlays"
@@ -128,18 +160,19 @@ def run_demo(cfg: DemoConfig, say=print) -> Dict:
     def summary(res):
         return {k: res.average.get(k) for k in SUMMARY_KEYS}
 
-    doc = {"before": summary(before), "after": summary(after),
-           "per_class": {"before": before.per_class, "after": after.per_class},
-           "train_steps": trainer.step, "train_seconds": round(train_seconds, 1),
-           "total_seconds": round(time.time() - t0, 1), "checkpoint": str(ckpt),
-           "description": SHARED_DESCRIPTION,
-           "heldout_categories": list(DEFAULT_HELDOUT_CATEGORIES), "train_categories": list(DEFAULT_TRAIN_CATEGORIES)}
-    (out / "demo_results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return {"before": summary(before), "after": summary(after),
+            "per_class": {"before": before.per_class, "after": after.per_class},
+            "train_steps": steps, "train_seconds": round(train_seconds, 1),
+            "total_seconds": None, "checkpoint": str(ckpt),
+            "description": SHARED_DESCRIPTION,
+            "heldout_categories": list(DEFAULT_HELDOUT_CATEGORIES), "train_categories": list(DEFAULT_TRAIN_CATEGORIES)}
+
+
+def _print_summary(doc: Dict, out: Path, say) -> None:
     b, a = doc["before"], doc["after"]
     say("held-out averages       before  ->  after")
     for k in SUMMARY_KEYS:
-        fmt = lambda v: "  n/a" if v is None else f"{100 * v:5.1f}"
+        fmt = lambda v: "  n/a" if v is None else f"{100 * v:5.1f}"  # noqa: E731
         say(f"  {k:<20} {fmt(b[k])}  -> {fmt(a[k])}")
-    say(f"\ncheckpoint: {ckpt}  (usable by moeclip predict/test/serve/export)")
-    say(f"overlays:   {overlays}\nresults:    {out / 'demo_results.json'}  ({doc['total_seconds']} s in all)")
-    return doc
+    say(f"\ncheckpoint: {doc['checkpoint']}  (usable by moeclip predict/test/serve/export)")
+    say(f"overlays:   {out / 'overlays'}\nresults:    {out / 'demo_results.json'}  ({doc['total_seconds']} s in all)")

@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from ..model.checkpoint import save_checkpoint
 from ..data.dataset import ZSADDataset, collate
 from ..errors import MoECLIPError
 from ..fileio import atomic_copy, replace_dir
+from ..model.checkpoint import save_checkpoint
 from ..precision import autocast
 from . import distributed as dist_utils
 from .config import TrainConfig  # defined torch-free for the CLI; importable from here too
@@ -172,21 +172,35 @@ class Trainer:
                 w.writeheader()
             w.writerow(row)
 
+    def _step_bar(self, batches_per_epoch: int):
+        """A run bounded by ``max_steps`` shows optimiser steps of the run's total, not epochs."""
+        cfg = self.cfg
+        if cfg.max_steps is None:
+            return None
+        per_epoch = -(-batches_per_epoch // cfg.grad_accum)
+        total = min(cfg.max_steps, self.step + per_epoch * (cfg.epochs - self.epoch))
+        return tqdm(total=total, initial=self.step, desc="training", unit="step", disable=not self.progress)
+
     def train(self) -> Dict:
         cfg = self.cfg
         module = self.ddp or self.loss_module
         history = {}
         path_to_desc = {s.image_path: d for s, d in zip(self.dataset.samples, self.descriptions)}
+        step_bar = None
         while self.epoch < cfg.epochs:
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
                 break
             _seed_epoch(cfg.seed, self.epoch)
             self.model.train()
             loader = self._loader(self.epoch)
-            bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", disable=not self.progress)
+            if step_bar is None:
+                step_bar = self._step_bar(len(loader))
+            per_epoch = step_bar is None
+            bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="batch",
+                       disable=not self.progress) if per_epoch else step_bar
             sums, count, t0 = {}, 0, time.time()
             self.optimizer.zero_grad(set_to_none=True)
-            for i, batch in enumerate(bar):
+            for i, batch in enumerate(bar if per_epoch else loader):
                 descs = [path_to_desc[p] for p in batch["path"]]
                 with autocast(self.device, cfg.precision):
                     losses = module(batch["image"].to(self.device), batch["mask"].to(self.device),
@@ -197,6 +211,8 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scheduler.step()  # per iteration, as the official code
                     self.step += 1
+                    if step_bar is not None:
+                        step_bar.update(1)
                 parts = {"loss": losses["total"].item(), "ce": losses["ce"].item(),
                          "seg": losses["seg"].sum().item(), "etf": losses["etf"].item(),
                          "balance": losses["balance"].item()}
@@ -219,6 +235,8 @@ class Trainer:
             if self.on_epoch and dist_utils.is_main():
                 self.on_epoch(self.epoch, epoch_metrics)
             dist_utils.barrier()
+        if step_bar is not None:
+            step_bar.close()
         return history
 
     def validate(self) -> Dict:

@@ -34,23 +34,40 @@ def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, sm
     Follows the focal-loss code the reference uses: the one-hot target is clamped to
     [smooth/(C-1), 1-smooth], ``pt`` gets ``+smooth`` before the log, no class weights.
     """
-    C = probs.shape[1]
-    p = probs.permute(0, 2, 3, 1).reshape(-1, C)
-    idx = target.reshape(-1).long()
-    one_hot = F.one_hot(idx, C).to(p.dtype).clamp(smooth / (C - 1), 1.0 - smooth)
-    pt = (one_hot * p).sum(1) + smooth
-    return (-((1 - pt) ** gamma) * pt.log()).mean()
+    return focal_losses(probs.unsqueeze(0), target, gamma, smooth)[0]
+
+
+def focal_losses(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
+    """:func:`focal_loss` of M maps (M, B, C, H, W) against one target (B, 1, H, W): (M,).
+
+    The clamped one-hot target is built once for all maps.
+    """
+    C = probs.shape[2]
+    one_hot = F.one_hot(target[:, 0].long(), C).permute(0, 3, 1, 2).to(probs.dtype)
+    one_hot = one_hot.clamp(smooth / (C - 1), 1.0 - smooth)  # (B, C, H, W)
+    pt = (one_hot * probs).sum(2) + smooth  # (M, B, H, W)
+    return (-((1 - pt) ** gamma) * pt.log()).flatten(1).mean(1)
 
 
 def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """1 - Dice, computed per image and averaged over the batch."""
-    B = target.shape[0]
-    p, t = pred.reshape(B, -1), target.reshape(B, -1)
-    dice = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
-    return 1 - dice.mean()
+    return dice_losses(pred.unsqueeze(0), target, smooth)[0]
+
+
+def dice_losses(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """:func:`dice_loss` of M maps (M, B, ...) against one target (B, ...): (M,)."""
+    M, B = pred.shape[:2]
+    p, t = pred.reshape(M, B, -1), target.reshape(B, -1)
+    dice = (2 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
+    return 1 - dice.mean(-1)
 
 
 def segmentation_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Focal + Dice(normal channel, 1 - mask) + Dice(abnormal channel, mask) for one map."""
+    return segmentation_losses(probs.unsqueeze(0), mask)[0]
+
+
+def segmentation_losses(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`segmentation_loss` of M maps (M, B, 2, H, W) at once: (M,), one set of operations for all."""
     m = mask[:, 0]
-    return focal_loss(probs, mask) + dice_loss(probs[:, 0], 1 - m) + dice_loss(probs[:, 1], m)
+    return focal_losses(probs, mask) + dice_losses(probs[:, :, 0], 1 - m) + dice_losses(probs[:, :, 1], m)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -11,13 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import MoECLIPError
 from .backbone import create_clip, freeze, vision_dims
 from .config import AdapterConfig, BackboneConfig, ModelConfig
-from ..errors import MoECLIPError
-from .losses import segmentation_loss
+from .losses import segmentation_losses
 from .moe import MoEAdapter
-from .paa import aggregate_levels
-from .projections import DetProjection, SegProjection
+from .paa import patch_average_radii
+from .projections import DetProjection, SegProjection, project_stacked
 from .router import Routing
 from .scoring import Domain, anomaly_map, image_score, segmentation_probs
 from .text import TextAdapter, TextEncoder
@@ -33,6 +32,7 @@ class VisionOutput:
     etf_loss: Optional[torch.Tensor] = None
     moe_inputs: List[torch.Tensor] = field(default_factory=list)  # token streams entering each MoE adapter
     levels: List[torch.Tensor] = field(default_factory=list)  # (B, H*W, D) patch tokens per level (seg_head=False)
+    seg_stacked: Optional[torch.Tensor] = None  # (num_maps, B, H*W, D): seg_features as one tensor
 
 
 class MoECLIP(nn.Module):
@@ -187,22 +187,34 @@ class MoECLIP(nn.Module):
         grid = tuple(visual.grid_size)
         # ln_post is per token, so CLS can be dropped before PAA and the LayerNorm
         patches = [t[:, 1:] for t in levels]
-        seg = [f for i, t in enumerate(patches) for f in self.seg_head(t, i, grid)] if seg_head else []
+        stacked = self.seg_stack(patches, grid) if seg_head else None
         det = F.normalize(self.det_proj(visual.ln_post(patches[-1])), dim=-1).mean(1)
-        return VisionOutput(seg, det, grid, routing,
+        return VisionOutput(list(stacked.unbind(0)) if seg_head else [], det, grid, routing,
                             torch.stack(bal).sum() if bal else None,
                             torch.stack(etf).sum() if etf else None, inputs,
-                            [] if seg_head else patches)
+                            [] if seg_head else patches, stacked)
 
     def seg_head(self, patches: torch.Tensor, level: int, grid: Tuple[int, int]) -> List[torch.Tensor]:
         """One level's seg features: PAA per radius, ln_post, projection, L2 norm (level-major order)."""
+        return list(self.seg_stack([patches], grid, [level]).unbind(0))
+
+    def seg_stack(self, patches: Sequence[torch.Tensor], grid: Tuple[int, int],
+                  levels: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Seg features of several levels as one (levels x radii, B, H*W, D) tensor, level-major.
+
+        PAA, ln_post, the projections and the L2 norm each run once for all maps: at small
+        sizes a training step is bound by the number of operations, not their size.
+        """
         cfg = self.adapter_config
+        levels = list(range(len(patches))) if levels is None else list(levels)
         n_r = len(cfg.paa_radii)
-        out = []
-        for k, t in enumerate(aggregate_levels([patches], grid, cfg.paa_radii)):
-            proj = self.seg_proj[level if cfg.seg_proj == "shared" else level * n_r + k]
-            out.append(F.normalize(proj(self.clip.visual.ln_post(t)), dim=-1))
-        return out
+        x = self.clip.visual.ln_post(patch_average_radii(torch.stack(list(patches)), grid, cfg.paa_radii))
+        x = x.transpose(1, 2)  # (levels, radii, B, L, width)
+        if cfg.seg_proj == "shared":
+            y = project_stacked(x, [self.seg_proj[v] for v in levels]).flatten(0, 1)
+        else:
+            y = project_stacked(x.flatten(0, 1), [self.seg_proj[v * n_r + k] for v in levels for k in range(n_r)])
+        return F.normalize(y, dim=-1)
 
     # ------------------------------------------------------------------ text
     def text_features(self, description: str) -> torch.Tensor:
@@ -237,11 +249,11 @@ class MoECLIP(nn.Module):
         size = tuple(masks.shape[-2:])
         masks = masks.float()
 
-        def map_loss(f: torch.Tensor) -> torch.Tensor:
-            return segmentation_loss(segmentation_probs(f, text, out.grid, size).float(), masks)
+        def maps_loss(f: torch.Tensor) -> torch.Tensor:  # (M, B, L, D) -> (M,)
+            return segmentation_losses(segmentation_probs(f, text, out.grid, size).float(), masks)
 
         def level_losses(patches: torch.Tensor, level: int) -> torch.Tensor:
-            return torch.stack([map_loss(f) for f in self.seg_head(patches, level, out.grid)])
+            return maps_loss(self.seg_stack([patches], out.grid, [level]))
 
         if low_memory:
             # At 518 px the seg head (PAA, LayerNorm, projection per map) and the 12 full-resolution
@@ -249,7 +261,7 @@ class MoECLIP(nn.Module):
             # only each level's patch tokens and recompute one level's maps at a time in backward.
             seg = torch.cat([checkpoint(level_losses, t, i, use_reentrant=False) for i, t in enumerate(out.levels)])
         else:
-            seg = torch.stack([map_loss(f) for f in out.seg_features])
+            seg = maps_loss(out.seg_stacked)
         zero = ce.new_zeros(())
         bal = out.balance_loss if out.balance_loss is not None else zero
         etf = out.etf_loss if out.etf_loss is not None else zero

@@ -1,6 +1,8 @@
 """Trainable projections from the vision tower's width into the joint text-image space."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -16,6 +18,18 @@ class SegProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.proj(x))
+
+
+def project_stacked(x: torch.Tensor, projections: Sequence[SegProjection]) -> torch.Tensor:
+    """(P, ..., width) through P projections at once (one batched matmul) -> (P, ..., embed_dim).
+
+    The modules keep their own weights (the checkpoint format); they are stacked per call,
+    which at the demo's size costs far less than one matmul and one autograd node per map.
+    """
+    w = torch.stack([p.proj.weight for p in projections])  # (P, embed_dim, width)
+    P, lead = x.shape[0], x.shape[1:-1]
+    y = torch.matmul(x.reshape(P, -1, x.shape[-1]), w.transpose(1, 2)).reshape(P, *lead, w.shape[1])
+    return projections[0].act(y)
 
 
 class DetProjection(nn.Module):

@@ -70,10 +70,16 @@ def image_score(det_feature: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 def segmentation_probs(features: torch.Tensor, text: torch.Tensor, grid: Tuple[int, int],
                        out_size: Tuple[int, int]) -> torch.Tensor:
-    """Training path: softmax over [normal, abnormal] of the upsampled logits: (B, 2, H, W)."""
-    z = to_grid(patch_logits(features, text), grid)
+    """Training path: softmax over [normal, abnormal] of the upsampled logits: (..., B, 2, H, W).
+
+    ``features`` is (B, L, D) for one map or (M, B, L, D) for M maps, which then go through
+    one product, one upsampling and one softmax together.
+    """
+    z = patch_logits(features, text)  # (..., B, L, 2)
+    lead = z.shape[:-2]
+    z = to_grid(z.reshape(-1, *z.shape[-2:]), grid)
     z = F.interpolate(z, size=tuple(out_size), mode="bilinear", align_corners=True)
-    return z.softmax(dim=1)
+    return z.softmax(dim=1).reshape(*lead, 2, *z.shape[-2:])
 
 
 def __getattr__(name):
