@@ -23,3 +23,15 @@ def test_old_from_import_of_public_names():
     from moeclip.inference.detector import Detector as new
 
     assert Detector is new
+
+
+def test_alias_keeps_the_new_module_a_package():
+    """Importing an old package path must not turn the new package into a plain module."""
+    from importlib import resources
+
+    sys.modules.pop("moeclip.serve", None)
+    with pytest.warns(DeprecationWarning):
+        importlib.import_module("moeclip.serve")
+    new = importlib.import_module("moeclip.inference.serve")
+    assert new.__spec__.name == "moeclip.inference.serve"
+    assert resources.files("moeclip.inference.serve").joinpath("static/index.html").is_file()

@@ -70,6 +70,11 @@ def moved_attribute(module: str, name: str):
 
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports an old name as the new module itself (one module object, not a copy)."""
+
+    def __init__(self):
+        self._specs = {}
+
     def find_spec(self, fullname, path=None, target=None):
         if fullname in MOVED:
             return importlib.util.spec_from_loader(fullname, self)
@@ -78,10 +83,16 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         new = MOVED[spec.name]
         warnings.warn(f"{spec.name} moved to {new}; import it from there", DeprecationWarning, stacklevel=3)
-        return importlib.import_module(new)
+        module = importlib.import_module(new)
+        self._specs[spec.name] = module.__spec__
+        return module
 
     def exec_module(self, module):
-        pass
+        # the import system has just set __spec__ to the alias's: give the module its own back, or a
+        # package would stop being one (importlib.resources, submodule imports)
+        original = self._specs.pop(module.__spec__.name, None)
+        if original is not None:
+            module.__spec__ = original
 
 
 def install() -> None:
