@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from moeclip.errors import MoECLIPError
 from moeclip.model.backbone import create_clip, read_weight_file
 from moeclip.model.checkpoint import load_model, read_checkpoint, read_official, save_checkpoint
 from moeclip.model.config import AdapterConfig, BackboneConfig, ModelConfig
-from moeclip.errors import MoECLIPError
 from moeclip.model.moeclip import MoECLIP
 
 

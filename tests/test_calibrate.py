@@ -7,15 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_checkpoint
 from PIL import Image
 
 from moeclip.cli import main
-from moeclip.inference.deploy import Deployment, load_deployment_detector
-from moeclip.inference.postprocess import (Normalization, f1_threshold, fpr_threshold, image_score, rates,
-                                           resize_map)
 from moeclip.errors import MoECLIPError
-
-from conftest import make_tiny_checkpoint
+from moeclip.inference.deploy import Deployment, load_deployment_detector
+from moeclip.inference.postprocess import Normalization, f1_threshold, fpr_threshold, image_score, rates, resize_map
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,7 @@ from torchvision import transforms
 
 from moeclip.data.dataset import ZSADDataset, collate
 from moeclip.data.sample import Sample
-from moeclip.data.transforms import (CLIP_MEAN, CLIP_STD, JointAugment, preprocess_image,
-                                     preprocess_mask)
+from moeclip.data.transforms import CLIP_MEAN, CLIP_STD, JointAugment, preprocess_image, preprocess_mask
 from moeclip.errors import MoECLIPError
 
 S = 32

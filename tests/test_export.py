@@ -15,13 +15,14 @@ from PIL import Image
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from conftest import make_tiny_checkpoint  # noqa: E402
+
 from moeclip.cli import main  # noqa: E402
 from moeclip.cli.common import build_model  # noqa: E402
 from moeclip.data.transforms import preprocess_image  # noqa: E402
 from moeclip.inference.deploy import Deployment  # noqa: E402
 from moeclip.inference.detector import Detector  # noqa: E402
 from moeclip.inference.onnx import OnnxDetector, export_onnx, preprocess, read_metadata  # noqa: E402
-from conftest import make_tiny_checkpoint  # noqa: E402
 
 OBJECT = "metal nut"
 

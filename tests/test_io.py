@@ -8,8 +8,7 @@ import pytest
 from PIL import Image
 
 from moeclip.data import imageio as mio
-from moeclip.data.imageio import (binarize_mask, load_image, load_mask, resize_mask, to_pil_rgb,
-                             verify_image)
+from moeclip.data.imageio import binarize_mask, load_image, load_mask, resize_mask, to_pil_rgb, verify_image
 from moeclip.errors import MoECLIPError
 
 

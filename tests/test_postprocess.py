@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_checkpoint
 from PIL import Image
 
 from moeclip.analysis.report import final_image_scores
@@ -24,8 +25,6 @@ from moeclip.inference.pipeline import Job, ResultWriter, TorchRuntime, score_im
 from moeclip.metrics import auroc, evaluate_class
 from moeclip.metrics.protocol import final_image_scores_, minmax_scale
 from moeclip.model.domain import Domain
-
-from conftest import make_tiny_checkpoint
 
 S = 64          # the tiny model's resolution
 NUM_MAPS = 12

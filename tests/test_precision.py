@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeclip.errors import MoECLIPError
 from moeclip.model.backbone import create_clip
 from moeclip.model.checkpoint import save_checkpoint
 from moeclip.model.config import AdapterConfig, BackboneConfig
-from moeclip.errors import MoECLIPError
 from moeclip.model.moeclip import MoECLIP
 from moeclip.precision import autocast
 
@@ -83,8 +83,9 @@ def test_cast_model_refuses_fp32_runs_and_backbone_saving(tiny_clip_config, tmp_
 
 
 def test_detector_bf16_casts_and_matches_autocast(tiny_clip_config, tmp_path):
-    from moeclip.inference.detector import Detector
     from conftest import make_tiny_checkpoint
+
+    from moeclip.inference.detector import Detector
 
     ckpt = make_tiny_checkpoint(tiny_clip_config, tmp_path / "ck", seed=2)
     images = torch.randn(2, 3, 64, 64)

@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_checkpoint
 from PIL import Image
 
 from moeclip.cli import main
 from moeclip.cli.common import build_model
 from moeclip.data.transforms import CLIP_MEAN, CLIP_STD, preprocess_image
 from moeclip.inference.detector import Detector
-
-from conftest import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +90,8 @@ def test_refuses_non_empty_out_then_overwrites(tiny_ckpt, images, tmp_path, caps
 
 def test_resume_skips_done_and_drops_cut_line(tiny_ckpt, images, tmp_path):
     out = tmp_path / "out"
-    base = ["predict", "--checkpoint", str(tiny_ckpt), "--device", "cpu", "--no-overlays", str(images), "--out", str(out)]
+    base = ["predict", "--checkpoint", str(tiny_ckpt), "--device", "cpu", "--no-overlays", str(images),
+            "--out", str(out)]
     assert main(base) == 0
     lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
     # simulate a crash: two lines finished, the third cut in the middle
@@ -135,7 +135,8 @@ def test_needs_a_model(images, tmp_path, capsys):
 # ---------------------------------------------------------------------------- official checkpoint
 def official_flags(golden_dir, cfg):
     moe = cfg["moeclip_config"]
-    return ["--clip-model", str(golden_dir / "config.json"), "--clip-weights", str(golden_dir / "clip_tiny.safetensors"),
+    return ["--clip-model", str(golden_dir / "config.json"),
+            "--clip-weights", str(golden_dir / "clip_tiny.safetensors"),
             "--image-size", str(cfg["image_size"]), "--experts", str(moe["moe_num_experts"]),
             "--top-k", str(moe["moe_top_k"]), "--rank", str(moe["moe_r"]), "--alpha", str(moe["moe_lora_alpha"]),
             "--moe-layers", ",".join(map(str, moe["moe_layers"])), "--levels", ",".join(map(str, moe["levels"])),

@@ -13,9 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from moeclip.analysis.report import (
+    ClassData,
+    ExampleImage,
+    final_image_scores,
+    pick_examples,
+    pr_curve,
+    report_from_eval,
+    roc_curve,
+    write_report,
+)
 from moeclip.metrics import auroc, average_precision, evaluate_class
-from moeclip.analysis.report import (ClassData, ExampleImage, final_image_scores, pick_examples, pr_curve,
-                            report_from_eval, roc_curve, write_report)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -19,10 +19,10 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
+from conftest import make_tiny_checkpoint  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from moeclip.inference.deploy import Deployment  # noqa: E402
-from conftest import make_tiny_checkpoint  # noqa: E402
 from moeclip.inference.serve import create_app  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"

@@ -11,8 +11,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .config import BackboneConfig
 from ..errors import MoECLIPError
+from .config import BackboneConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ def read_weight_file(path: str | Path) -> Dict[str, torch.Tensor]:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise MoECLIPError(f"{path}: cannot read as a weights-only torch file ({str(exc).splitlines()[0]})") from None
+            first = str(exc).splitlines()[0]
+            raise MoECLIPError(f"{path}: cannot read as a weights-only torch file ({first})") from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
