@@ -54,3 +54,31 @@ def make_tiny_checkpoint(clip_config: Path, directory: Path, seed: int) -> Path:
             moe.experts.lora_B.normal_(0, 0.05)
             moe.router.gate.weight.normal_(0, 0.5)
     return save_checkpoint(model, directory, include_backbone=True)
+
+
+#: The object the export tests (ONNX, OpenVINO) describe.
+EXPORT_OBJECT = "metal nut"
+
+
+@pytest.fixture(scope="session")
+def export_ckpt(tiny_clip_config, tmp_path_factory) -> Path:
+    """The export tests' tiny random checkpoint (experts and routers non-trivial: no routing ties)."""
+    return make_tiny_checkpoint(tiny_clip_config, tmp_path_factory.mktemp("ckpt") / "tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def export_detector(export_ckpt):
+    from moeclip.inference.detector import Detector
+    from moeclip.model.checkpoint import load_model
+
+    return Detector(load_model(export_ckpt), device="cpu", object=EXPORT_OBJECT)
+
+
+@pytest.fixture(scope="session")
+def export_deploy_file(export_ckpt, tmp_path_factory) -> Path:
+    """A deployment for :data:`EXPORT_OBJECT` with a threshold, a pixel threshold and a normalisation."""
+    from moeclip.inference.deploy import Deployment
+
+    dep = Deployment(object=EXPORT_OBJECT, threshold=0.4, pixel_threshold=12.0, checkpoint=str(export_ckpt),
+                     normalization={"map_min": -10.0, "map_max": 40.0, "score_min": 0.4, "score_max": 0.6})
+    return dep.save(tmp_path_factory.mktemp("dep") / "deploy.json")

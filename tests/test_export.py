@@ -15,48 +15,26 @@ from PIL import Image
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from conftest import EXPORT_OBJECT  # noqa: E402
+
 from moeclip.cli import main  # noqa: E402
-from moeclip.cli.common import build_model  # noqa: E402
 from moeclip.data.transforms import preprocess_image  # noqa: E402
-from moeclip.inference.deploy import Deployment  # noqa: E402
-from moeclip.inference.detector import Detector  # noqa: E402
 from moeclip.inference.onnx import OnnxDetector, export_onnx, preprocess, read_metadata  # noqa: E402
-from conftest import make_tiny_checkpoint  # noqa: E402
-
-OBJECT = "metal nut"
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tiny_clip_config, tmp_path_factory) -> Path:
-    """A tiny random checkpoint whose experts and routers are non-trivial (no routing ties)."""
-    return make_tiny_checkpoint(tiny_clip_config, tmp_path_factory.mktemp("ckpt") / "tiny", seed=3)
 
 
 @pytest.fixture(scope="module")
-def detector(tiny_ckpt) -> Detector:
-    return Detector(build_model(tiny_ckpt), device="cpu", object=OBJECT)
-
-
-@pytest.fixture(scope="module")
-def deploy_file(tiny_ckpt, tmp_path_factory) -> Path:
-    dep = Deployment(object=OBJECT, threshold=0.4, pixel_threshold=12.0, checkpoint=str(tiny_ckpt),
-                     normalization={"map_min": -10.0, "map_max": 40.0, "score_min": 0.4, "score_max": 0.6})
-    return dep.save(tmp_path_factory.mktemp("dep") / "deploy.json")
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_ckpt, detector, deploy_file, tmp_path_factory) -> Path:
+def exported(export_ckpt, export_detector, export_deploy_file, tmp_path_factory) -> Path:
     """The default export through the CLI, with the deployment and the routing outputs."""
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    assert main(["export", "onnx", "--deploy", str(deploy_file), "--out", str(path), "--routing-outputs"]) == 0
+    assert main(["export", "onnx", "--deploy", str(export_deploy_file), "--out", str(path), "--routing-outputs"]) == 0
     return path
 
 
 @pytest.fixture(scope="module")
-def exported_dynamo(detector, tmp_path_factory) -> Path:
+def exported_dynamo(export_detector, tmp_path_factory) -> Path:
     """The dynamo (torch.export) exporter through the API: ~10 s even for the tiny model."""
     pytest.importorskip("onnxscript")
-    return export_onnx(detector, tmp_path_factory.mktemp("onnx") / "dyn.onnx", object=OBJECT,
+    return export_onnx(export_detector, tmp_path_factory.mktemp("onnx") / "dyn.onnx", object=EXPORT_OBJECT,
                        routing_outputs=True, exporter="dynamo")
 
 
@@ -65,17 +43,17 @@ def images(n: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("exporter", ["auto", pytest.param("dynamo", marks=pytest.mark.slow)])
-def test_onnxruntime_equals_pytorch(request, detector, exporter):
+def test_onnxruntime_equals_pytorch(request, export_detector, exporter):
     path = request.getfixturevalue("exported" if exporter == "auto" else "exported_dynamo")
     runner = OnnxDetector(path)
     for batch in (1, 3):
-        check_equal(runner, detector, batch)
+        check_equal(runner, export_detector, batch)
 
 
 def check_equal(runner, detector, batch):
     x = images(batch, seed=batch)
     got = runner.run(x.numpy())
-    ref = detector.model.predict(x, OBJECT, "industrial")
+    ref = detector.model.predict(x, EXPORT_OBJECT, "industrial")
     np.testing.assert_allclose(got["anomaly_map"], ref["anomaly_map"].numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(got["image_score"], ref["image_score"].numpy(), atol=1e-4, rtol=0)
     routing = ref["vision"].routing
@@ -87,23 +65,23 @@ def check_equal(runner, detector, batch):
 def test_metadata(exported):
     meta = read_metadata(exported)
     assert meta["exporter"] == "torchscript"  # auto: the fast exporter while torch has it
-    assert meta["object"] == OBJECT and meta["domain"] == "industrial" and meta["image_size"] == "64"
+    assert meta["object"] == EXPORT_OBJECT and meta["domain"] == "industrial" and meta["image_size"] == "64"
     assert json.loads(meta["deployment"])["threshold"] == 0.4
     runner = OnnxDetector(exported)
     assert (runner.threshold, runner.pixel_threshold, runner.num_maps) == (0.4, 12.0, 12)
 
 
 @pytest.mark.parametrize("domain", ["industrial", "medical"])
-def test_export_module_equals_predict(detector, domain):
+def test_export_module_equals_predict(export_detector, domain):
     """The exported module (fixed-conv blur instead of kornia) computes model.predict, both blur sizes."""
     from moeclip.inference.onnx import _export_module
 
-    text = detector.model.text_features(OBJECT)
-    module = _export_module(detector.model, text, domain, routing_outputs=False)
+    text = export_detector.model.text_features(EXPORT_OBJECT)
+    module = _export_module(export_detector.model, text, domain, routing_outputs=False)
     x = images(2, seed=7)
     with torch.no_grad():
         amap, score = module(x)
-    ref = detector.model.predict(x, text, domain)
+    ref = export_detector.model.predict(x, text, domain)
     torch.testing.assert_close(amap, ref["anomaly_map"], atol=1e-5, rtol=0)
     torch.testing.assert_close(score, ref["image_score"], atol=1e-6, rtol=0)
 
@@ -130,16 +108,17 @@ def read_rows(out: Path):
     return {Path(r["path"]).name: r for r in rows}
 
 
-def test_predict_onnx_equals_pytorch(exported, deploy_file, folder, tmp_path, capsys):
+def test_predict_onnx_equals_pytorch(exported, export_deploy_file, folder, tmp_path, capsys):
     onnx_out, torch_out = tmp_path / "onnx", tmp_path / "torch"
     assert main(["predict", "--onnx", str(exported), str(folder), "--out", str(onnx_out)]) == 0
-    assert main(["predict", "--deploy", str(deploy_file), "--device", "cpu", str(folder), "--out", str(torch_out)]) == 0
+    assert main(["predict", "--deploy", str(export_deploy_file), "--device", "cpu", str(folder),
+                 "--out", str(torch_out)]) == 0
     a, b = read_rows(onnx_out), read_rows(torch_out)
     assert set(a) == set(b) == {"img0.png", "img1.png", "img2.png", "bad.png"}
     assert "error" in a["bad.png"]
     for name in ("img0.png", "img1.png", "img2.png"):
         ra, rb = a[name], b[name]
-        assert ra["object"] == OBJECT and ra["object_source"] == "onnx"
+        assert ra["object"] == EXPORT_OBJECT and ra["object_source"] == "onnx"
         np.testing.assert_allclose(np.load(onnx_out / ra["map"]), np.load(torch_out / rb["map"]), atol=1e-4, rtol=0)
         assert ra["raw_score"] == pytest.approx(rb["raw_score"], abs=1e-5)
         assert ra["score"] == pytest.approx(rb["score"], abs=1e-5)
