@@ -82,3 +82,20 @@ def export_deploy_file(export_ckpt, tmp_path_factory) -> Path:
     dep = Deployment(object=EXPORT_OBJECT, threshold=0.4, pixel_threshold=12.0, checkpoint=str(export_ckpt),
                      normalization={"map_min": -10.0, "map_max": 40.0, "score_min": 0.4, "score_max": 0.6})
     return dep.save(tmp_path_factory.mktemp("dep") / "deploy.json")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    """Synthetic folder data: ``train`` (two classes) and ``held`` (one unseen class), 3 + 3 images each."""
+    from moeclip.data.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(root / "train", ["stripes", "disc"], n_normal=3, n_anomalous=3, image_size=64, seed=0)
+    generate_dataset(root / "held", ["wood"], n_normal=3, n_anomalous=3, image_size=64, seed=1)
+    return root
+
+
+def train_args(data: Path, clip_config: Path, out: Path, *extra: str, batch_size: int = 4) -> list:
+    """``moeclip train`` on ``data/train`` with the tiny CLIP (random weights), 64 px, lr 1e-3."""
+    return ["train", "--data", f"folder={data / 'train'}", "--out", str(out), "--clip-model", str(clip_config),
+            "--clip-weights", "none", "--image-size", "64", "--batch-size", str(batch_size), "--lr", "1e-3", *extra]
