@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ from PIL import Image
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from conftest import EXPORT_OBJECT  # noqa: E402
+from conftest import EXPORT_OBJECT, check_exported_predict, check_predict_without_torch  # noqa: E402
 
 from moeclip.cli import main  # noqa: E402
 from moeclip.data.transforms import preprocess_image  # noqa: E402
@@ -93,57 +90,10 @@ def test_numpy_preprocess_equals_torchvision():
         np.testing.assert_array_equal(preprocess(img, 64), preprocess_image(img, 64).numpy())
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(1)
-    for i, shape in enumerate([(40, 60, 3), (64, 64, 3), (90, 50, 3)]):
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / f"img{i}.png")
-    (root / "bad.png").write_bytes(b"broken")
-    return root
+def test_predict_onnx_equals_pytorch(exported, export_deploy_file, export_images, tmp_path, capsys):
+    check_exported_predict("--onnx", exported, export_deploy_file, export_images, tmp_path, capsys)
 
 
-def read_rows(out: Path):
-    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    return {Path(r["path"]).name: r for r in rows}
-
-
-def test_predict_onnx_equals_pytorch(exported, export_deploy_file, folder, tmp_path, capsys):
-    onnx_out, torch_out = tmp_path / "onnx", tmp_path / "torch"
-    assert main(["predict", "--onnx", str(exported), str(folder), "--out", str(onnx_out)]) == 0
-    assert main(["predict", "--deploy", str(export_deploy_file), "--device", "cpu", str(folder),
-                 "--out", str(torch_out)]) == 0
-    a, b = read_rows(onnx_out), read_rows(torch_out)
-    assert set(a) == set(b) == {"img0.png", "img1.png", "img2.png", "bad.png"}
-    assert "error" in a["bad.png"]
-    for name in ("img0.png", "img1.png", "img2.png"):
-        ra, rb = a[name], b[name]
-        assert ra["object"] == EXPORT_OBJECT and ra["object_source"] == "onnx"
-        np.testing.assert_allclose(np.load(onnx_out / ra["map"]), np.load(torch_out / rb["map"]), atol=1e-4, rtol=0)
-        assert ra["raw_score"] == pytest.approx(rb["raw_score"], abs=1e-5)
-        assert ra["score"] == pytest.approx(rb["score"], abs=1e-5)
-        assert ra["decision"] == rb["decision"] and ra["threshold"] == 0.4
-        assert (onnx_out / ra["overlay"]).is_file() and (onnx_out / ra["mask"]).is_file()
-
-    # the object is fixed by the export
-    assert main(["predict", "--onnx", str(exported), "--object", "screw", str(folder),
-                 "--out", str(tmp_path / "x")]) == 2
-    assert "exported for 'metal nut'" in capsys.readouterr().err
-
-
-def test_predict_onnx_runs_without_torch(exported, folder, tmp_path):
+def test_predict_onnx_runs_without_torch(exported, export_images, tmp_path):
     """The ONNX path imports neither torch nor the model (a fresh interpreter checks sys.modules)."""
-    out = tmp_path / "out"
-    code = (
-        "import argparse, sys\n"
-        "from moeclip.cli import predict\n"
-        "p = argparse.ArgumentParser(); predict.register(p.add_subparsers())\n"
-        f"args = p.parse_args(['predict', '--onnx', {str(exported)!r}, {str(folder)!r}, '--out', {str(out)!r}])\n"
-        "assert predict.run(args) == 0\n"
-        "loaded = [m for m in ('torch', 'moeclip.model.moeclip', 'moeclip.inference.detector') if m in sys.modules]\n"
-        "assert not loaded, loaded\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr
-    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+    check_predict_without_torch("--onnx", exported, export_images, tmp_path / "out")
