@@ -54,3 +54,120 @@ def make_tiny_checkpoint(clip_config: Path, directory: Path, seed: int) -> Path:
             moe.experts.lora_B.normal_(0, 0.05)
             moe.router.gate.weight.normal_(0, 0.5)
     return save_checkpoint(model, directory, include_backbone=True)
+
+
+#: The object the export tests (ONNX, OpenVINO) describe.
+EXPORT_OBJECT = "metal nut"
+
+
+@pytest.fixture(scope="session")
+def export_ckpt(tiny_clip_config, tmp_path_factory) -> Path:
+    """The export tests' tiny random checkpoint (experts and routers non-trivial: no routing ties)."""
+    return make_tiny_checkpoint(tiny_clip_config, tmp_path_factory.mktemp("ckpt") / "tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def export_detector(export_ckpt):
+    from moeclip.inference.detector import Detector
+    from moeclip.model.checkpoint import load_model
+
+    return Detector(load_model(export_ckpt), device="cpu", object=EXPORT_OBJECT)
+
+
+@pytest.fixture(scope="session")
+def export_deploy_file(export_ckpt, tmp_path_factory) -> Path:
+    """A deployment for :data:`EXPORT_OBJECT` with a threshold, a pixel threshold and a normalisation."""
+    from moeclip.inference.deploy import Deployment
+
+    dep = Deployment(object=EXPORT_OBJECT, threshold=0.4, pixel_threshold=12.0, checkpoint=str(export_ckpt),
+                     normalization={"map_min": -10.0, "map_max": 40.0, "score_min": 0.4, "score_max": 0.6})
+    return dep.save(tmp_path_factory.mktemp("dep") / "deploy.json")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    """Synthetic folder data: ``train`` (two classes) and ``held`` (one unseen class), 3 + 3 images each."""
+    from moeclip.data.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(root / "train", ["stripes", "disc"], n_normal=3, n_anomalous=3, image_size=64, seed=0)
+    generate_dataset(root / "held", ["wood"], n_normal=3, n_anomalous=3, image_size=64, seed=1)
+    return root
+
+
+def train_args(data: Path, clip_config: Path, out: Path, *extra: str, batch_size: int = 4) -> list:
+    """``moeclip train`` on ``data/train`` with the tiny CLIP (random weights), 64 px, lr 1e-3."""
+    return ["train", "--data", f"folder={data / 'train'}", "--out", str(out), "--clip-model", str(clip_config),
+            "--clip-weights", "none", "--image-size", "64", "--batch-size", str(batch_size), "--lr", "1e-3", *extra]
+
+
+@pytest.fixture(scope="module")
+def export_images(tmp_path_factory) -> Path:
+    """Three random RGB images of different sizes and one unreadable file, for ``predict`` of an exported model."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(1)
+    for i, shape in enumerate([(40, 60, 3), (64, 64, 3), (90, 50, 3)]):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / f"img{i}.png")
+    (root / "bad.png").write_bytes(b"broken")
+    return root
+
+
+def read_rows(out: Path) -> dict:
+    """``results.jsonl`` of ``predict --out out`` by file name."""
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    return {Path(r["path"]).name: r for r in rows}
+
+
+def check_exported_predict(flag: str, model: Path, deploy_file: Path, folder: Path, tmp_path: Path, capsys) -> None:
+    """``predict FLAG MODEL`` (``--onnx``/``--openvino``) writes the rows of ``predict --deploy`` (PyTorch),
+    and the object stays the export's."""
+    import numpy as np
+
+    from moeclip.cli import main
+
+    source = flag.lstrip("-")
+    exp_out, torch_out = tmp_path / source, tmp_path / "torch"
+    assert main(["predict", flag, str(model), str(folder), "--out", str(exp_out)]) == 0
+    assert main(["predict", "--deploy", str(deploy_file), "--device", "cpu", str(folder),
+                 "--out", str(torch_out)]) == 0
+    a, b = read_rows(exp_out), read_rows(torch_out)
+    assert set(a) == set(b) == {"img0.png", "img1.png", "img2.png", "bad.png"}
+    assert "error" in a["bad.png"]
+    for name in ("img0.png", "img1.png", "img2.png"):
+        ra, rb = a[name], b[name]
+        assert ra["object"] == EXPORT_OBJECT and ra["object_source"] == source
+        assert set(ra) - {"object_source"} == set(rb) - {"object_source"}
+        np.testing.assert_allclose(np.load(exp_out / ra["map"]), np.load(torch_out / rb["map"]), atol=1e-4, rtol=0)
+        assert ra["raw_score"] == pytest.approx(rb["raw_score"], abs=1e-5)
+        assert ra["score"] == pytest.approx(rb["score"], abs=1e-5)
+        assert ra["decision"] == rb["decision"] and ra["threshold"] == 0.4
+        assert (exp_out / ra["overlay"]).is_file() and (exp_out / ra["mask"]).is_file()
+
+    # the object is fixed by the export
+    assert main(["predict", flag, str(model), "--object", "screw", str(folder),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "exported for 'metal nut'" in capsys.readouterr().err
+
+
+def check_predict_without_torch(flag: str, model: Path, folder: Path, out: Path) -> None:
+    """``predict FLAG MODEL`` imports neither torch nor the model (a fresh interpreter checks sys.modules)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import argparse, sys\n"
+        "from moeclip.cli import predict\n"
+        "p = argparse.ArgumentParser(); predict.register(p.add_subparsers())\n"
+        f"args = p.parse_args(['predict', {flag!r}, {str(model)!r}, {str(folder)!r}, '--out', {str(out)!r}])\n"
+        "assert predict.run(args) == 0\n"
+        "loaded = [m for m in ('torch', 'moeclip.model.moeclip', 'moeclip.inference.detector') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4

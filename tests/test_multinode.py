@@ -11,17 +11,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import train_args
 
 from moeclip.cli import main
-from moeclip.data.synth import generate_dataset
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    generate_dataset(root / "train", ["stripes", "disc"], n_normal=3, n_anomalous=3, image_size=64, seed=0)
-    generate_dataset(root / "held", ["wood"], n_normal=3, n_anomalous=3, image_size=64, seed=1)
-    return root
 
 
 def _free_port() -> int:
@@ -58,16 +50,11 @@ def two_nodes(args, cwd: Path, timeout: int = 300) -> list:
     return outputs
 
 
-def train_args(data, clip_config, out, *extra):
-    return ["train", "--data", f"folder={data / 'train'}", "--out", str(out), "--clip-model", str(clip_config),
-            "--clip-weights", "none", "--image-size", "64", "--batch-size", "2", "--lr", "1e-3", "--seed", "3",
-            *extra]
-
-
 @pytest.mark.slow
-def test_two_node_rendezvous_trains_identical_ranks_and_tests_like_one_process(data, tiny_clip_config, tmp_path):
+def test_two_node_rendezvous_trains_identical_ranks_and_tests_like_one_process(synth, tiny_clip_config, tmp_path):
     run = tmp_path / "run"
-    logs = two_nodes(train_args(data, tiny_clip_config, run, "--epochs", "1", "--max-steps", "3"), tmp_path)
+    logs = two_nodes(train_args(synth, tiny_clip_config, run, "--epochs", "1", "--max-steps", "3", "--seed", "3",
+                                batch_size=2), tmp_path)
     assert any("2 process(es)" in out for out in logs)  # one worker per launcher, one world
     meta = json.loads((run / "checkpoint" / "config.json").read_text())["meta"]
     assert meta["world_size"] == 2 and meta["step"] == 3
@@ -79,7 +66,7 @@ def test_two_node_rendezvous_trains_identical_ranks_and_tests_like_one_process(d
     assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # the steps moved the experts
 
     # the zero-shot test over the same two "nodes" reports the numbers of a single process
-    args = ["test", "--checkpoint", str(run / "checkpoint"), "--data", f"folder={data / 'held'}", "--batch-size", "2"]
+    args = ["test", "--checkpoint", str(run / "checkpoint"), "--data", f"folder={synth / 'held'}", "--batch-size", "2"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     two_nodes([*args, "--out", str(tmp_path / "two")], tmp_path)
     one = json.loads((tmp_path / "one" / "results.json").read_text())["datasets"][0]["per_class"]

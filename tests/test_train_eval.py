@@ -8,37 +8,24 @@ import sys
 
 import pytest
 import torch
+from conftest import train_args
 from safetensors.torch import load_file
 
 from moeclip.cli import main
-from moeclip.data.synth import generate_dataset
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    generate_dataset(root / "train", ["stripes", "disc"], n_normal=3, n_anomalous=3, image_size=64, seed=0)
-    generate_dataset(root / "held", ["wood"], n_normal=3, n_anomalous=3, image_size=64, seed=1)
-    return root
-
-
-def train_args(data, tiny_clip_config, out, *extra):
-    return ["train", "--data", f"folder={data / 'train'}", "--out", str(out), "--clip-model", str(tiny_clip_config),
-            "--clip-weights", "none", "--image-size", "64", "--batch-size", "4", "--lr", "1e-3", *extra]
-
-
-def test_train_then_test(data, tiny_clip_config, tmp_path, capsys):
+def test_train_then_test(synth, tiny_clip_config, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(train_args(data, tiny_clip_config, run, "--epochs", "1")) == 0
+    assert main(train_args(synth, tiny_clip_config, run, "--epochs", "1")) == 0
     ckpt = run / "checkpoint"
     assert (ckpt / "adapters.safetensors").is_file() and (ckpt / "clip.safetensors").is_file()
     rows = (run / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,step,lr,loss,ce,seg,etf,balance") and len(rows) == 1 + 3  # 12 images / 4
     # refusing to clobber the run
-    assert main(train_args(data, tiny_clip_config, run, "--epochs", "1")) == 2
+    assert main(train_args(synth, tiny_clip_config, run, "--epochs", "1")) == 2
     assert "--overwrite" in capsys.readouterr().err
     out = tmp_path / "eval"
-    assert main(["test", "--checkpoint", str(ckpt), "--data", f"folder={data / 'held'}", "--out", str(out),
+    assert main(["test", "--checkpoint", str(ckpt), "--data", f"folder={synth / 'held'}", "--out", str(out),
                  "--save-maps", "--visualize"]) == 0
     res = json.loads((out / "results.json").read_text())
     per_class = res["datasets"][0]["per_class"]
@@ -53,15 +40,15 @@ def test_train_then_test(data, tiny_clip_config, tmp_path, capsys):
     assert "| wood |" in printed and "**average**" in printed
     # same inputs, same numbers
     out2 = tmp_path / "eval2"
-    main(["test", "--checkpoint", str(ckpt), "--data", f"folder={data / 'held'}", "--out", str(out2)])
+    main(["test", "--checkpoint", str(ckpt), "--data", f"folder={synth / 'held'}", "--out", str(out2)])
     assert json.loads((out2 / "results.json").read_text())["datasets"] == res["datasets"]
 
 
-def test_resume_reaches_the_same_weights(data, tiny_clip_config, tmp_path):
+def test_resume_reaches_the_same_weights(synth, tiny_clip_config, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    assert main(train_args(data, tiny_clip_config, full, "--epochs", "2", "--seed", "7")) == 0
-    assert main(train_args(data, tiny_clip_config, part, "--epochs", "1", "--seed", "7")) == 0
-    assert main(train_args(data, tiny_clip_config, part, "--epochs", "2", "--seed", "7", "--resume")) == 0
+    assert main(train_args(synth, tiny_clip_config, full, "--epochs", "2", "--seed", "7")) == 0
+    assert main(train_args(synth, tiny_clip_config, part, "--epochs", "1", "--seed", "7")) == 0
+    assert main(train_args(synth, tiny_clip_config, part, "--epochs", "2", "--seed", "7", "--resume")) == 0
     a = load_file(str(full / "checkpoint" / "adapters.safetensors"))
     b = load_file(str(part / "checkpoint" / "adapters.safetensors"))
     assert a.keys() == b.keys()
@@ -110,12 +97,12 @@ def clip_weights(tiny_clip_config, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_torchrun_two_processes_train_like_one_big_batch(data, tiny_clip_config, clip_weights, tmp_path, precision):
+def test_torchrun_two_processes_train_like_one_big_batch(synth, tiny_clip_config, clip_weights, tmp_path, precision):
     """DDP with gloo: both ranks hold identical weights after training (checked through a
     hash the ranks exchange) and only rank 0 writes the checkpoint; bf16 with the frozen
     weights cast (a weight file, so the checkpoint keeps adapters only)."""
     run = tmp_path / "ddp"
-    args = train_args(data, tiny_clip_config, run, "--epochs", "1", "--batch-size", "2", "--precision", precision)
+    args = train_args(synth, tiny_clip_config, run, "--epochs", "1", "--batch-size", "2", "--precision", precision)
     if precision == "bf16":
         args[args.index("--clip-weights") + 1] = str(clip_weights)
     _torchrun(args, tmp_path)
@@ -125,10 +112,10 @@ def test_torchrun_two_processes_train_like_one_big_batch(data, tiny_clip_config,
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_evaluation_equals_one_process(data, tiny_clip_config, tmp_path):
+def test_torchrun_two_process_evaluation_equals_one_process(synth, tiny_clip_config, tmp_path):
     run = tmp_path / "run"
-    assert main(train_args(data, tiny_clip_config, run, "--epochs", "1")) == 0
-    args = ["test", "--checkpoint", str(run / "checkpoint"), "--data", f"folder={data / 'held'}", "--batch-size", "2"]
+    assert main(train_args(synth, tiny_clip_config, run, "--epochs", "1")) == 0
+    args = ["test", "--checkpoint", str(run / "checkpoint"), "--data", f"folder={synth / 'held'}", "--batch-size", "2"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     _torchrun([*args, "--out", str(tmp_path / "two")], tmp_path)
     one = json.loads((tmp_path / "one" / "results.json").read_text())["datasets"]
@@ -141,7 +128,7 @@ def test_torchrun_two_process_evaluation_equals_one_process(data, tiny_clip_conf
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(data, tiny_clip_config, tmp_path):
+def test_killed_run_resumes_to_the_same_weights(synth, tiny_clip_config, tmp_path):
     """SIGKILL in the middle of epoch 2, --resume, compare with an uninterrupted run."""
     import signal
     import time
@@ -149,9 +136,9 @@ def test_killed_run_resumes_to_the_same_weights(data, tiny_clip_config, tmp_path
     full, killed = tmp_path / "full", tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")  # same thread count everywhere: bitwise comparable
     cli = [sys.executable, "-m", "moeclip"]
-    base = train_args(data, tiny_clip_config, full, "--epochs", "3", "--seed", "5", "--batch-size", "2")
+    base = train_args(synth, tiny_clip_config, full, "--epochs", "3", "--seed", "5", "--batch-size", "2")
     subprocess.run([*cli, *base], env=env, check=True, capture_output=True)
-    args = train_args(data, tiny_clip_config, killed, "--epochs", "3", "--seed", "5", "--batch-size", "2")
+    args = train_args(synth, tiny_clip_config, killed, "--epochs", "3", "--seed", "5", "--batch-size", "2")
     proc = subprocess.Popen([*cli, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 240
     try:
@@ -172,16 +159,16 @@ def test_killed_run_resumes_to_the_same_weights(data, tiny_clip_config, tmp_path
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
 
 
-def test_validation_keeps_the_best_checkpoint(data, tiny_clip_config, tmp_path):
+def test_validation_keeps_the_best_checkpoint(synth, tiny_clip_config, tmp_path):
     run = tmp_path / "val"
-    assert main(train_args(data, tiny_clip_config, run, "--epochs", "2", "--val", f"folder={data / 'held'}")) == 0
+    assert main(train_args(synth, tiny_clip_config, run, "--epochs", "2", "--val", f"folder={synth / 'held'}")) == 0
     best = json.loads((run / "best" / "config.json").read_text())["meta"]
     history = [json.loads((run / "checkpoint" / "config.json").read_text())["meta"]]
     assert 0.0 <= best["pixel_auroc"] <= 1.0 and best["epoch"] in (1, 2)
     assert "val" in history[0]["metrics"] and history[0]["metrics"]["val"]["score"] <= best["pixel_auroc"] + 1e-12
 
 
-def test_bf16_training_casts_frozen_weights_with_identical_results(data, tiny_clip_config, clip_weights, tmp_path,
+def test_bf16_training_casts_frozen_weights_with_identical_results(synth, tiny_clip_config, clip_weights, tmp_path,
                                                                   monkeypatch):
     """--precision bf16 stores the frozen CLIP in bf16 (not when the checkpoint keeps the CLIP):
     the trained adapters are bit-identical either way."""
@@ -200,7 +187,7 @@ def test_bf16_training_casts_frozen_weights_with_identical_results(data, tiny_cl
     weights = clip_weights
     runs = {}
     for name, extra in (("cast", []), ("plain", ["--include-backbone"])):
-        args = train_args(data, tiny_clip_config, tmp_path / name, "--epochs", "1", "--precision", "bf16", *extra)
+        args = train_args(synth, tiny_clip_config, tmp_path / name, "--epochs", "1", "--precision", "bf16", *extra)
         args[args.index("--clip-weights") + 1] = str(weights)
         cast_calls.clear()
         assert main(args) == 0
@@ -211,13 +198,13 @@ def test_bf16_training_casts_frozen_weights_with_identical_results(data, tiny_cl
     a, b = runs["cast"], runs["plain"]
     assert a.keys() == b.keys() and any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    args = train_args(data, tiny_clip_config, tmp_path / "cast", "--epochs", "2", "--precision", "bf16", "--resume")
+    args = train_args(synth, tiny_clip_config, tmp_path / "cast", "--epochs", "2", "--precision", "bf16", "--resume")
     args[args.index("--clip-weights") + 1] = str(weights)
     assert main(args) == 0  # resuming a cast run reloads the adapters into a cast model
     resumed = load_file(str(tmp_path / "cast" / "checkpoint" / "adapters.safetensors"))
     assert any(not torch.equal(resumed[k], a[k]) for k in a)
     out = tmp_path / "eval"
-    assert main(["test", "--checkpoint", str(tmp_path / "cast" / "checkpoint"), "--data", f"folder={data / 'held'}",
+    assert main(["test", "--checkpoint", str(tmp_path / "cast" / "checkpoint"), "--data", f"folder={synth / 'held'}",
                  "--out", str(out), "--precision", "bf16"]) == 0
     m = json.loads((out / "results.json").read_text())["datasets"][0]["per_class"]["wood"]
     assert 0.0 <= m["pixel_auroc"] <= 1.0

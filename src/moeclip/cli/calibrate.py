@@ -22,7 +22,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import MoECLIPError
-from .common import add_domain_arg, add_model_args, model_options
+from .common import add_bank_args, add_domain_arg, add_model_args, model_options
 
 
 def register(subparsers) -> None:
@@ -58,10 +58,7 @@ def register(subparsers) -> None:
                     help="normal reference images: their memory bank is written beside --out and used by "
                          "predict/serve --deploy and export onnx --deploy; without a value, the --normal images "
                          "themselves, each scored leave-one-out (never against its own patches)")
-    fs.add_argument("--reference-weight", type=float, default=0.5, metavar="W",
-                    help="weight of the few-shot map in the fused map (default 0.5)")
-    fs.add_argument("--bank-size", type=int, metavar="N", help="greedy-coreset subsample of each map's bank")
-    fs.add_argument("--bank-fp16", action="store_true", help="store the memory bank in fp16")
+    add_bank_args(fs, "the memory bank")
     add_model_args(p, checkpoint_required=True)
     p.set_defaults(func=run)
 

@@ -100,6 +100,14 @@ def add_domain_arg(parser, help: str, default: Optional[str] = None) -> None:
     parser.add_argument("--domain", choices=DOMAINS, default=default, help=help)
 
 
+def add_bank_args(group, banks: str = "the memory banks") -> None:
+    """``--reference-weight``, ``--bank-size``, ``--bank-fp16``: how few-shot memory banks are built and fused."""
+    group.add_argument("--reference-weight", type=float, default=0.5, metavar="W",
+                       help="weight of the few-shot map in the fused map (default 0.5)")
+    group.add_argument("--bank-size", type=int, metavar="N", help="greedy-coreset subsample of each map's bank")
+    group.add_argument("--bank-fp16", action="store_true", help=f"store {banks} in fp16")
+
+
 def model_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The model flags the user gave (``None`` = not given), keyed by option name."""
     return {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name, None) is not None}

@@ -8,9 +8,10 @@ ONNX output is compared with PyTorch on random images (``--no-check`` skips this
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any, Optional, Tuple
 
 from ..errors import MoECLIPError
-from . import openvino
 from .common import add_domain_arg, add_model_args, model_options, refuse_existing
 
 
@@ -21,49 +22,64 @@ def register(subparsers) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     o = sub.add_parser("onnx", help="ONNX model for one object",
                        description="Export image -> (anomaly map, raw image score) for one object to ONNX.")
-    o.add_argument("--out", required=True, metavar="MODEL.onnx")
-    o.add_argument("--object", help="object description (default: the deployment's, else 'object')")
-    add_domain_arg(o, "default: the deployment's, else industrial")
-    o.add_argument("--deploy", metavar="FILE", help="deployment file to embed (and its checkpoint and object)")
+    add_source_args(o, metavar="MODEL.onnx")
     o.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto",
                    help="torch.onnx exporter: auto (default) tries the fast TorchScript exporter, then "
                         "dynamo (needs onnxscript)")
     o.add_argument("--opset", type=int, help="ONNX opset (default 18 for dynamo, 17 for torchscript)")
     o.add_argument("--routing-outputs", action="store_true",
                    help="also output the experts chosen in every MoE layer (routing.<i>)")
-    o.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch comparison")
-    o.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    add_model_args(o, checkpoint_required=False)
+    add_check_args(o, "onnxruntime", "file")
     o.set_defaults(func=run_onnx)
+    from . import openvino
+
     openvino.register_export(sub)
 
 
-def run_onnx(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def add_source_args(o: argparse.ArgumentParser, metavar: str, help: Optional[str] = None) -> None:
+    """``--out``, then what is exported: ``--object``, ``--domain``, ``--deploy`` (every export format)."""
+    o.add_argument("--out", required=True, metavar=metavar, help=help)
+    o.add_argument("--object", help="object description (default: the deployment's, else 'object')")
+    add_domain_arg(o, "default: the deployment's, else industrial")
+    o.add_argument("--deploy", metavar="FILE", help="deployment file to embed (and its checkpoint and object)")
 
+
+def add_check_args(o: argparse.ArgumentParser, engine: str, out_kind: str) -> None:
+    """``--no-check``, ``--overwrite`` and the model flags (every export format)."""
+    o.add_argument("--no-check", action="store_true", help=f"skip the {engine}-vs-PyTorch comparison")
+    o.add_argument("--overwrite", action="store_true", help=f"replace an existing --out {out_kind}")
+    add_model_args(o, checkpoint_required=False)
+
+
+def export_source(args: argparse.Namespace) -> Tuple[Any, Any, Optional[str]]:
+    """The fp32 CPU detector to export, the deployment to embed (or None) and the checkpoint to record."""
     from ..inference.deploy import Deployment
-    from ..inference.onnx import compare_onnx, export_onnx
 
-    out = Path(args.out)
-    refuse_existing(out, args.overwrite)
-    if args.precision != "fp32":
-        raise MoECLIPError("ONNX export is fp32; drop --precision")
     dep = Deployment.load(args.deploy) if args.deploy else None
     if dep is not None:
         if args.object and args.object.strip() != dep.object:
             raise MoECLIPError(f"the deployment was calibrated for {dep.object!r}, not {args.object!r}")
         detector = dep.detector(checkpoint=args.checkpoint, options=model_options(args), device="cpu",
                                 domain=args.domain)
-        checkpoint = args.checkpoint or dep.checkpoint
-    elif args.checkpoint:
-        from ..inference.detector import Detector
-        from .common import load_model_from_args
-
-        detector = Detector(load_model_from_args(args), device="cpu", domain=args.domain or "industrial",
-                            object=args.object)
-        checkpoint = str(Path(args.checkpoint).resolve())
-    else:
+        return detector, dep, args.checkpoint or dep.checkpoint
+    if not args.checkpoint:
         raise MoECLIPError("--checkpoint is required (or --deploy FILE)")
+    from ..inference.detector import Detector
+    from .common import load_model_from_args
+
+    detector = Detector(load_model_from_args(args), device="cpu", domain=args.domain or "industrial",
+                        object=args.object)
+    return detector, None, str(Path(args.checkpoint).resolve())
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    from ..inference.onnx import compare_onnx, export_onnx
+
+    out = Path(args.out)
+    refuse_existing(out, args.overwrite)
+    if args.precision != "fp32":
+        raise MoECLIPError("ONNX export is fp32; drop --precision")
+    detector, dep, checkpoint = export_source(args)
     path = export_onnx(detector, out, object=args.object, domain=args.domain, deployment=dep,
                        routing_outputs=args.routing_outputs, exporter=args.exporter, opset=args.opset,
                        checkpoint=checkpoint)

@@ -33,7 +33,7 @@ from pathlib import Path
 from ..errors import MoECLIPError
 from ..integrations.ray import add_ray_args
 from . import openvino
-from .common import add_domain_arg, add_model_args, model_options
+from .common import add_bank_args, add_domain_arg, add_model_args, model_options
 
 
 def register(subparsers) -> None:
@@ -71,10 +71,7 @@ def register(subparsers) -> None:
     fs.add_argument("--reference", action="append", default=[], metavar="DIR_OR_GLOB | KEY=DIR_OR_GLOB",
                     help="normal reference images of the object (folder, glob or file); KEY=... for the object "
                          "of an --object KEY=DESC / --class-map rule (repeatable)")
-    fs.add_argument("--reference-weight", type=float, default=0.5, metavar="W",
-                    help="weight of the few-shot map in the fused map (default 0.5)")
-    fs.add_argument("--bank-size", type=int, metavar="N", help="greedy-coreset subsample of each map's memory bank")
-    fs.add_argument("--bank-fp16", action="store_true", help="store the memory banks in fp16")
+    add_bank_args(fs)
     add_model_args(p, checkpoint_required=False)
     add_ray_args(p)
     openvino.add_predict_args(p)
@@ -145,12 +142,5 @@ def run(args: argparse.Namespace) -> int:
     summary = run_pipeline(jobs, built.runtime, built.post, writer, batch_size=args.batch_size,
                            workers=args.workers,
                            max_pixels=args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS)
-    parts = [f"{summary.scored} image(s) scored"]
-    if built.post.threshold is not None:
-        parts.append(f"{summary.flagged} anomalous (threshold {built.post.threshold:.4g})")
-    if summary.errors:
-        parts.append(f"{summary.errors} unreadable (see 'error' in the results)")
-    if summary.skipped:
-        parts.append(f"{summary.skipped} already done")
-    print(", ".join(parts) + f" -> {writer.results}")
-    return 0 if summary.scored or summary.skipped or not summary.errors else 1
+    print(summary.line(built.post.threshold) + f" -> {writer.results}")
+    return summary.exit_code

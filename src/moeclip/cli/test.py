@@ -6,7 +6,7 @@ import io
 import json
 from pathlib import Path
 
-from .common import add_model_args, load_model_from_args
+from .common import add_bank_args, add_model_args, load_model_from_args
 
 
 def register(sub) -> None:
@@ -34,10 +34,7 @@ def register(sub) -> None:
     fs.add_argument("--reference-data", action="append", default=[], metavar="NAME=PATH",
                     help="references for --data NAME from PATH/<class>/ (or PATH itself for one class, or a glob) "
                          "instead of the training normals; without --shots all of them are used")
-    fs.add_argument("--reference-weight", type=float, default=0.5, metavar="W",
-                    help="weight of the few-shot map in the fused map (default 0.5)")
-    fs.add_argument("--bank-size", type=int, metavar="N", help="greedy-coreset subsample of each map's bank")
-    fs.add_argument("--bank-fp16", action="store_true", help="store the memory banks in fp16")
+    add_bank_args(fs)
     add_model_args(p)
     p.set_defaults(func=run)
 

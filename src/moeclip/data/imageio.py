@@ -211,11 +211,13 @@ def _cv2_read(path: str) -> Optional[np.ndarray]:
 
 def _decode(path: PathLike, kind: str, max_pixels: Optional[int],
             from_pil: Callable[[Image.Image, str], T],
-            from_array: Callable[[np.ndarray, str], T]) -> T:
+            from_array: Callable[[np.ndarray, str], T], verify: bool = False) -> T:
     """Fully decode ``path`` with Pillow (else OpenCV, for TIFF) and convert it.
 
     ``from_pil`` runs while the file is open, so the decoded pixels are not
-    copied once more just to detach them. Raises MoECLIPError naming the file.
+    copied once more just to detach them. ``verify``: Pillow's ``verify()`` instead of
+    decoding (and no warning when OpenCV reads what Pillow could not). Raises MoECLIPError
+    naming the file.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -225,7 +227,10 @@ def _decode(path: PathLike, kind: str, max_pixels: Optional[int],
     try:
         with Image.open(path) as im:
             _check_pixels(im.width, im.height, path, max_pixels)
-            im.load()
+            if verify:
+                im.verify()
+            else:
+                im.load()
             return from_pil(im, path)
     except MoECLIPError:
         raise
@@ -235,7 +240,8 @@ def _decode(path: PathLike, kind: str, max_pixels: Optional[int],
         arr = _cv2_read(path)
         if arr is None:
             raise MoECLIPError(f"cannot read {kind} file {path}: {_reason(exc)}") from exc
-        _warn_once(f"cv2:{kind}", f"{path}: Pillow failed ({_reason(exc)}); decoded with OpenCV")
+        if not verify:
+            _warn_once(f"cv2:{kind}", f"{path}: Pillow failed ({_reason(exc)}); decoded with OpenCV")
         _check_pixels(arr.shape[1], arr.shape[0], path, max_pixels)
         return from_array(arr, path)
 
@@ -282,24 +288,7 @@ def verify_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS)
     ``verify()`` checks structure (e.g. PNG chunk CRCs) but not every truncation
     (JPEG); a file passing here can still fail in :func:`load_image`.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise MoECLIPError(f"image file not found: {path}")
-    if os.path.isdir(path):
-        raise MoECLIPError(f"image path is a directory, not a file: {path}")
-    try:
-        with Image.open(path) as im:
-            _check_pixels(im.width, im.height, path, max_pixels)
-            im.verify()
-    except MoECLIPError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise MoECLIPError(f"cannot read image file {path}: {_reason(exc)}") from exc
-    except _READ_ERRORS as exc:
-        arr = _cv2_read(path)
-        if arr is None:
-            raise MoECLIPError(f"cannot read image file {path}: {_reason(exc)}") from exc
-        _check_pixels(arr.shape[1], arr.shape[0], path, max_pixels)
+    _decode(path, "image", max_pixels, lambda im, p: None, lambda a, p: None, verify=True)
 
 
 # ---------------------------------------------------------------------------

@@ -7,9 +7,9 @@ object description chosen at export time, whose text features are baked in as a 
 exact, not a soft approximation; ``routing_outputs=True`` adds the chosen experts of every MoE
 layer (``routing.<i>``, (B, tokens, k)) as outputs so that this can be checked.
 
-kornia's Gaussian blur is replaced by the same separable kernel applied as two fixed
-convolutions with reflect padding (identical numbers, and no dependence on how a kornia
-version traces).
+The scoring after the encoder is :class:`moeclip.inference.graph.ScoringGraph` (kornia's
+Gaussian blur as two fixed convolutions with reflect padding: identical numbers, and no
+dependence on how a kornia version traces), shared with the anomalib model.
 
 Object, domain, image size, number of maps and the deployment (threshold, normalisation, pixel
 threshold) are stored in the model's metadata (``moeclip.*`` keys), so that
@@ -22,26 +22,19 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
-from PIL import Image
 
 from .. import __version__
 from ..errors import MoECLIPError
 from .deploy import Deployment
-from .pipeline import Prediction, score_images
-from .postprocess import PostProcessor
+from .exported import CLIP_MEAN, CLIP_STD, ExportedDetector, ExportedRuntime, preprocess  # noqa: F401 (API)
 
 META_PREFIX = "moeclip."
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "image_score")
 EXPORTERS = ("auto", "torchscript", "dynamo")
-
-# CLIP normalisation (as moeclip.data.transforms, repeated here to stay torch-free)
-CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
-CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
-
 
 # ---------------------------------------------------------------------------- export (torch)
 def _export_module(model, text, domain: str, routing_outputs: bool, bank=None, weight: float = 0.5):
@@ -53,18 +46,14 @@ def _export_module(model, text, domain: str, routing_outputs: bool, bank=None, w
     """
     import torch
     import torch.nn.functional as F
-    from kornia.filters import get_gaussian_kernel1d
-    from torch import nn
 
-    from ..model.scoring import Domain, image_score, patch_anomaly
+    from .graph import ScoringGraph, map_probability
 
-    class AnomalyExport(nn.Module):
+    class AnomalyExport(ScoringGraph):
         def __init__(self):
-            super().__init__()
+            super().__init__(domain)
             self.model = model
-            k, sigma = Domain.parse(domain).blur
             self.register_buffer("text", text.detach().clone().float())
-            self.register_buffer("kernel", get_gaussian_kernel1d(k, sigma)[0].float())
             self.routing_outputs = routing_outputs
             self.n_bank = 0 if bank is None else bank.num_maps
             for i, f in enumerate(bank.features if bank is not None else []):
@@ -78,25 +67,16 @@ def _export_module(model, text, domain: str, routing_outputs: bool, bank=None, w
                     for i, f in enumerate(out.seg_features)) / n
             fs = self.blur(d.clamp(0.0, 1.0).reshape(d.shape[0], 1, *out.grid))
             fs = F.interpolate(fs, size=size, mode="bilinear", align_corners=True)[:, 0]
-            m = (1.0 - self.weight) * torch.sigmoid(2.0 * g / n - 1.0) + self.weight * fs
+            m = (1.0 - self.weight) * map_probability(g, n) + self.weight * fs
             m = m.clamp(1e-7, 1.0 - 1e-7)
             raw = n * (torch.log(m / (1.0 - m)) + 1.0) * 0.5
             return raw, 0.5 * (score + fs.flatten(1).amax(1))
 
-        def blur(self, g: torch.Tensor) -> torch.Tensor:
-            """kornia ``gaussian_blur2d`` (separable, reflect border) as two fixed convolutions."""
-            p = self.kernel.numel() // 2
-            g = F.conv2d(F.pad(g, (p, p, 0, 0), mode="reflect"), self.kernel.view(1, 1, 1, -1))
-            return F.conv2d(F.pad(g, (0, 0, p, p), mode="reflect"), self.kernel.view(1, 1, -1, 1))
-
         def forward(self, images: torch.Tensor):
             out = self.model.encode_image(images, compute_losses=False)
-            total = sum(patch_anomaly(f, self.text) for f in out.seg_features)
-            g = self.blur(total.reshape(total.shape[0], 1, *out.grid))
-            g = F.interpolate(g, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=True)[:, 0]
-            outputs = (g, image_score(out.det_feature, self.text))
+            outputs = self.raw(out, self.text, tuple(images.shape[-2:]))
             if self.n_bank:
-                outputs = self.fused(out, g, outputs[1], tuple(images.shape[-2:]))
+                outputs = self.fused(out, outputs[0], outputs[1], tuple(images.shape[-2:]))
             if self.routing_outputs:
                 outputs = outputs + tuple(r.indices for r in out.routing)
             return outputs
@@ -302,20 +282,6 @@ def compare_onnx(detector, path: str | Path, images=None, object: Optional[str] 
 
 
 # ---------------------------------------------------------------------------- runtime (numpy + onnxruntime)
-def preprocess(image: Image.Image, size: int) -> np.ndarray:
-    """The official preprocessing in numpy: PIL bicubic resize to SxS, /255, CLIP normalise -> (3, S, S).
-
-    Equal to :func:`moeclip.data.transforms.preprocess_image` (torchvision resizes PIL images
-    with PIL itself).
-    """
-    img = image if image.mode == "RGB" else image.convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
-    a = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
-    a = (a - CLIP_MEAN) / CLIP_STD
-    return np.ascontiguousarray(a.transpose(2, 0, 1))
-
-
 def read_metadata(path: str | Path) -> Dict[str, str]:
     """The ``moeclip.*`` metadata of an exported model (prefix stripped)."""
     import onnx
@@ -337,7 +303,7 @@ def _session(path: Path, providers: Optional[Sequence[str]]):
         raise MoECLIPError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
 
 
-class OnnxRuntime:
+class OnnxRuntime(ExportedRuntime):
     """The pipeline runtime of an exported model: onnxruntime + numpy, no PyTorch.
 
     Object, domain, image size and number of maps come from the model's metadata;
@@ -352,44 +318,16 @@ class OnnxRuntime:
         meta = {k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
         if meta.get("format") != "moeclip-onnx":
             raise MoECLIPError(f"{path}: not exported by 'moeclip export onnx' (no moeclip metadata)")
-        self.path = path
-        self.metadata = meta
-        self.object = meta["object"]
-        self.domain = meta["domain"]
-        self.image_size = int(meta["image_size"])
-        self.num_maps = int(meta["num_maps"])
-        stored = None
-        if "deployment" in meta:
-            stored = Deployment.from_dict(json.loads(meta["deployment"]), f"{path} metadata")
-        if deployment is not None and deployment.object != self.object:
-            raise MoECLIPError(f"the deployment is for {deployment.object!r} but {path} was exported for "
-                               f"{self.object!r}; export again with that deployment")
-        self.deployment = deployment or stored
+        self._set_metadata(path, meta, deployment)
         self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def post_processor(self, threshold: Optional[float] = None,
-                       pixel_threshold: Optional[float] = None) -> PostProcessor:
-        """The deployment's scoring (threshold and pixel threshold overridable), else uncalibrated."""
-        if self.deployment is not None:
-            return self.deployment.post_processor(self.num_maps, threshold, pixel_threshold, self.domain)
-        return PostProcessor(self.num_maps, self.domain, None, threshold, pixel_threshold)
 
     def run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
         """Preprocessed (B, 3, S, S) float32 -> every output of the graph by name."""
         outs = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
         return dict(zip(self.output_names, outs))
 
-    def raw(self, images: Sequence[Image.Image], object: Optional[str] = None,
-            domain: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """RGB PIL images -> (raw maps (B, S, S), raw image scores (B,)) for the exported object."""
-        if object not in (None, self.object) or domain not in (None, self.domain):
-            raise MoECLIPError(f"{self.path} was exported for {self.object!r} ({self.domain}); "
-                               f"export again for {object!r} ({domain})")
-        out = self.run(np.stack([preprocess(img, self.image_size) for img in images]))
-        return out["anomaly_map"].astype(np.float32), out["image_score"].astype(np.float32)
 
-
-class OnnxDetector(OnnxRuntime):
+class OnnxDetector(ExportedDetector, OnnxRuntime):
     """An exported model with its post-processing: ``predict`` as :class:`~moeclip.inference.detector.Detector`.
 
     ``threshold``/``pixel_threshold`` override the deployment's.
@@ -398,18 +336,5 @@ class OnnxDetector(OnnxRuntime):
     def __init__(self, path: str | Path, deployment: Optional[Deployment] = None,
                  threshold: Optional[float] = None, pixel_threshold: Optional[float] = None,
                  providers: Optional[Sequence[str]] = None):
-        super().__init__(path, deployment, providers)
-        self.post = self.post_processor(threshold, pixel_threshold)
-
-    normalization = property(lambda self: self.post.normalization)
-    threshold = property(lambda self: self.post.threshold)
-    pixel_threshold = property(lambda self: self.post.pixel_threshold)
-
-    def predict(self, images: Sequence[Image.Image], batch_size: int = 8) -> List[Prediction]:
-        """Score RGB PIL images; maps come back at each image's own size."""
-        results: List[Prediction] = []
-        images = list(images)
-        for start in range(0, len(images), batch_size):
-            for scored in score_images(self, self.post, images[start:start + batch_size], self.object):
-                results.append(Prediction.from_scored(scored, self.object, self.domain))
-        return results
+        OnnxRuntime.__init__(self, path, deployment, providers)
+        self._set_post(threshold, pixel_threshold)

@@ -21,15 +21,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
-from PIL import Image
 
 from ..errors import MoECLIPError
 from .deploy import Deployment
-from .pipeline import Built, Prediction, score_images
-from .postprocess import PostProcessor
+from .exported import CLIP_MEAN, CLIP_STD, ExportedDetector, ExportedRuntime, built_exported
+from .pipeline import Built
 
 RT_SECTION = "moeclip"
 MODEL_FILE = "model.xml"
@@ -57,7 +56,7 @@ def export_openvino(detector, out_dir: str | Path, object: Optional[str] = None,
     and the export options are then unused). The folder is assembled next to ``out_dir`` and
     moved into place at the end, so an interrupted export leaves no half-written model.
     """
-    from .onnx import CLIP_MEAN, CLIP_STD, export_onnx, read_metadata
+    from .onnx import export_onnx, read_metadata
 
     ov = _openvino()
     out = Path(out_dir)
@@ -120,13 +119,15 @@ def _resolve(path: Path) -> Path:
 
 def read_metadata(path: str | Path) -> Dict[str, str]:
     """The ``moeclip`` rt_info of an exported IR (a folder or its ``model.xml``)."""
-    ov = _openvino()
     path = _resolve(Path(path))
+    return _rt_meta(_read_model(_openvino().Core(), path), path)
+
+
+def _read_model(core, path: Path):
     try:
-        model = ov.Core().read_model(str(path))
+        return core.read_model(str(path))
     except Exception as exc:  # openvino raises RuntimeError subclasses
         raise MoECLIPError(f"{path}: not a loadable OpenVINO model ({str(exc).splitlines()[0]})") from None
-    return _rt_meta(model, path)
 
 
 def _rt_meta(model, path: Path) -> Dict[str, str]:
@@ -136,7 +137,7 @@ def _rt_meta(model, path: Path) -> Dict[str, str]:
     return {str(k): str(info[k].astype(str) if hasattr(info[k], "astype") else info[k]) for k in info}
 
 
-class OpenVINORuntime:
+class OpenVINORuntime(ExportedRuntime):
     """The pipeline runtime of an exported IR: OpenVINO + numpy, no PyTorch.
 
     Object, domain, image size and number of maps come from the IR's rt_info; ``deployment``
@@ -152,10 +153,7 @@ class OpenVINORuntime:
         if inference_precision not in INFERENCE_PRECISIONS:
             raise MoECLIPError(f"inference precision must be one of {', '.join(INFERENCE_PRECISIONS)}")
         core = ov.Core()
-        try:
-            model = core.read_model(str(path))
-        except Exception as exc:
-            raise MoECLIPError(f"{path}: not a loadable OpenVINO model ({str(exc).splitlines()[0]})") from None
+        model = _read_model(core, path)
         meta = _rt_meta(model, path)
         if meta.get("format") != FORMAT:
             raise MoECLIPError(f"{path}: not exported by 'moeclip export openvino' (format {meta.get('format')!r})")
@@ -163,49 +161,19 @@ class OpenVINORuntime:
         if num_threads:
             config["INFERENCE_NUM_THREADS"] = int(num_threads)
         self.compiled = core.compile_model(model, device, config)
-        self.path = path
-        self.metadata = meta
-        self.object = meta["object"]
-        self.domain = meta["domain"]
-        self.image_size = int(meta["image_size"])
-        self.num_maps = int(meta["num_maps"])
-        stored = None
-        if "deployment" in meta:
-            stored = Deployment.from_dict(json.loads(meta["deployment"]), f"{path} metadata")
-        if deployment is not None and deployment.object != self.object:
-            raise MoECLIPError(f"the deployment is for {deployment.object!r} but {path} was exported for "
-                               f"{self.object!r}; export again with that deployment")
-        self.deployment = deployment or stored
+        self._set_metadata(path, meta, deployment)
         # compiled outputs keep the model's order, not always its tensor names
         self.output_names = [next((n for n in sorted(o.get_names()) if not n.startswith("/")), o.get_any_name())
                              for o in model.outputs]
         self._request = self.compiled.create_infer_request()
-
-    def post_processor(self, threshold: Optional[float] = None,
-                       pixel_threshold: Optional[float] = None) -> PostProcessor:
-        """The deployment's scoring (threshold and pixel threshold overridable), else uncalibrated."""
-        if self.deployment is not None:
-            return self.deployment.post_processor(self.num_maps, threshold, pixel_threshold, self.domain)
-        return PostProcessor(self.num_maps, self.domain, None, threshold, pixel_threshold)
 
     def run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
         """Preprocessed (B, 3, S, S) float32 -> every output of the graph by name."""
         res = self._request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
         return {name: np.array(res[out]) for name, out in zip(self.output_names, self.compiled.outputs)}
 
-    def raw(self, images: Sequence[Image.Image], object: Optional[str] = None,
-            domain: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """RGB PIL images -> (raw maps (B, S, S), raw image scores (B,)) for the exported object."""
-        if object not in (None, self.object) or domain not in (None, self.domain):
-            raise MoECLIPError(f"{self.path} was exported for {self.object!r} ({self.domain}); "
-                               f"export again for {object!r} ({domain})")
-        from .onnx import preprocess
 
-        out = self.run(np.stack([preprocess(img, self.image_size) for img in images]))
-        return out["anomaly_map"].astype(np.float32), out["image_score"].astype(np.float32)
-
-
-class OpenVINODetector(OpenVINORuntime):
+class OpenVINODetector(ExportedDetector, OpenVINORuntime):
     """An exported IR with its post-processing: ``predict`` as :class:`~moeclip.inference.detector.Detector`.
 
     ``threshold``/``pixel_threshold`` override the deployment's.
@@ -213,21 +181,8 @@ class OpenVINODetector(OpenVINORuntime):
 
     def __init__(self, path: str | Path, deployment: Optional[Deployment] = None, threshold: Optional[float] = None,
                  pixel_threshold: Optional[float] = None, **runtime_options: Any):
-        super().__init__(path, deployment, **runtime_options)
-        self.post = self.post_processor(threshold, pixel_threshold)
-
-    normalization = property(lambda self: self.post.normalization)
-    threshold = property(lambda self: self.post.threshold)
-    pixel_threshold = property(lambda self: self.post.pixel_threshold)
-
-    def predict(self, images: Sequence[Image.Image], batch_size: int = 8) -> List[Prediction]:
-        """Score RGB PIL images; maps come back at each image's own size."""
-        results: List[Prediction] = []
-        images = list(images)
-        for start in range(0, len(images), batch_size):
-            for scored in score_images(self, self.post, images[start:start + batch_size], self.object):
-                results.append(Prediction.from_scored(scored, self.object, self.domain))
-        return results
+        OpenVINORuntime.__init__(self, path, deployment, **runtime_options)
+        self._set_post(threshold, pixel_threshold)
 
 
 def build(spec, deployment: Optional[Deployment]) -> Built:
@@ -239,11 +194,4 @@ def build(spec, deployment: Optional[Deployment]) -> Built:
     if spec.precision != "fp32" or spec.device not in ("auto", "cpu"):
         raise MoECLIPError("--openvino runs on OpenVINO's CPU device in the IR's precision; drop --device/--precision")
     rt = OpenVINORuntime(spec.openvino, deployment=deployment)
-    if spec.object_rules:
-        raise MoECLIPError("--openvino: the object is fixed by the export; --class-map and KEY=DESC rules do not apply")
-    if spec.object and spec.object.strip() != rt.object:
-        raise MoECLIPError(f"--openvino: {spec.openvino} was exported for {rt.object!r}, not {spec.object!r}; "
-                           "export again for another object")
-    if spec.domain and spec.domain != rt.domain:
-        raise MoECLIPError(f"--openvino: {spec.openvino} was exported for the {rt.domain} domain")
-    return Built(rt, rt.post_processor(spec.threshold, spec.pixel_threshold), rt.object, "openvino")
+    return built_exported(spec, rt, "--openvino", spec.openvino, "openvino")

@@ -367,6 +367,7 @@ class RuntimeSpec:
                               weight=self.reference_weight)
 
     def _build_onnx(self, dep) -> Built:
+        from .exported import built_exported
         from .onnx import OnnxRuntime
 
         if self.checkpoint:
@@ -376,15 +377,7 @@ class RuntimeSpec:
                                "use --checkpoint with --reference")
         if self.model_options:
             raise MoECLIPError(f"--onnx: model flags {sorted(self.model_options)} do not apply to an exported model")
-        rt = OnnxRuntime(self.onnx, deployment=dep)
-        if self.object_rules:
-            raise MoECLIPError("--onnx: the object is fixed by the export; --class-map and KEY=DESC rules do not apply")
-        if self.object and self.object.strip() != rt.object:
-            raise MoECLIPError(f"--onnx: {self.onnx} was exported for {rt.object!r}, not {self.object!r}; "
-                               "export again for another object")
-        if self.domain and self.domain != rt.domain:
-            raise MoECLIPError(f"--onnx: {self.onnx} was exported for the {rt.domain} domain")
-        return Built(rt, rt.post_processor(self.threshold, self.pixel_threshold), rt.object, "onnx")
+        return built_exported(self, OnnxRuntime(self.onnx, deployment=dep), "--onnx", self.onnx, "onnx")
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -542,6 +535,22 @@ class Summary:
     errors: int = 0
     flagged: int = 0     # decision True
     skipped: int = 0     # already in results.jsonl (--resume)
+
+    def line(self, threshold: Optional[float]) -> str:
+        """What ``predict`` prints: counts scored, flagged (with a threshold), unreadable, already done."""
+        parts = [f"{self.scored} image(s) scored"]
+        if threshold is not None:
+            parts.append(f"{self.flagged} anomalous (threshold {threshold:.4g})")
+        if self.errors:
+            parts.append(f"{self.errors} unreadable (see 'error' in the results)")
+        if self.skipped:
+            parts.append(f"{self.skipped} already done")
+        return ", ".join(parts)
+
+    @property
+    def exit_code(self) -> int:
+        """``predict``'s status: 1 only when every image failed."""
+        return 0 if self.scored or self.skipped or not self.errors else 1
 
 
 def _score_batch(batch: List[Job], loaded, runtime: Runtime, post: PostProcessor, writer: ResultWriter,

@@ -50,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised without anomalib inst
                        "pip install 'moeclip[anomalib]'") from None
 
 from ..data.transforms import CLIP_MEAN, CLIP_STD
+from ..inference.graph import ScoringGraph, map_probability
 from ..model.domain import Domain
 from ..model.prompts import GENERIC_OBJECT
 
@@ -72,23 +73,19 @@ def load_moeclip(checkpoint: str | Path, **options: Any):
     return build_model(checkpoint, options)
 
 
-class MoEClipTorchModel(nn.Module):
+class MoEClipTorchModel(ScoringGraph):
     """CLIP-normalised (B, 3, S, S) -> ``InferenceBatch(pred_score, anomaly_map)`` for one object.
 
     The object's text features live in the ``text_features`` buffer (set by :meth:`set_text`),
-    so the exported graph has no text tower. The Gaussian blur is the fixed separable kernel of
-    the ONNX export (equal to kornia's, and traceable by ``torch.export``).
+    so the exported graph has no text tower. Map and raw score are the ONNX export's graph
+    (:class:`~moeclip.inference.graph.ScoringGraph`, traceable by ``torch.export``).
     """
 
     def __init__(self, moeclip, domain: str = "industrial"):
-        super().__init__()
-        from kornia.filters import get_gaussian_kernel1d
-
+        super().__init__(domain)
         self.moeclip = moeclip.eval()
         self.domain = Domain.parse(domain)
         self.num_maps = int(moeclip.adapter_config.num_maps)
-        k, sigma = self.domain.blur
-        self.register_buffer("kernel", get_gaussian_kernel1d(k, sigma)[0].float())
         self.register_buffer("text_features", torch.zeros(0))
         self.object: Optional[str] = None
 
@@ -99,29 +96,14 @@ class MoEClipTorchModel(nn.Module):
         self.text_features = feats.to(self.kernel.device)
         self.object = description
 
-    def _blur(self, g: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        p = self.kernel.numel() // 2
-        g = F.conv2d(F.pad(g, (p, p, 0, 0), mode="reflect"), self.kernel.view(1, 1, 1, -1))
-        return F.conv2d(F.pad(g, (0, 0, p, p), mode="reflect"), self.kernel.view(1, 1, -1, 1))
-
     def forward(self, images: torch.Tensor) -> InferenceBatch:
-        import torch.nn.functional as F
-
-        from ..model.scoring import image_score, patch_anomaly
-
         if self.text_features.numel() == 0:
             raise MoECLIPError("MoEClip: no object text features yet (call set_text or run the Engine)")
         out = self.moeclip.encode_image(images, compute_losses=False)
-        text = self.text_features.to(out.det_feature.dtype)
-        total = sum(patch_anomaly(f, text) for f in out.seg_features)
-        g = self._blur(total.reshape(total.shape[0], 1, *out.grid).float())
-        amap = F.interpolate(g, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=True)[:, 0]
-        raw = image_score(out.det_feature, text).float()
+        amap, raw = self.raw(out, self.text_features.to(out.det_feature.dtype), tuple(images.shape[-2:]))
         # moeclip predict's uncalibrated score: the mean per-map probability at the map maximum
-        prob = torch.sigmoid(2.0 * amap.amax(dim=(-2, -1)) / self.num_maps - 1.0)
-        return InferenceBatch(pred_score=self.domain.combine(prob, raw), anomaly_map=amap)
+        prob = map_probability(amap.amax(dim=(-2, -1)), self.num_maps)
+        return InferenceBatch(pred_score=self.domain.combine(prob, raw.float()), anomaly_map=amap)
 
 
 class MoEClip(AnomalibModule):

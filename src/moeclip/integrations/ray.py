@@ -577,13 +577,6 @@ def predict_from_args(args: argparse.Namespace, spec: RuntimeSpec) -> int:
         actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor, batch_size=args.batch_size,
         max_pixels=args.max_pixels, maps=not args.no_maps, overlays=not args.no_overlays, overwrite=args.overwrite,
         resume=args.resume)
-    parts = [f"{summary.scored} image(s) scored"]
-    if threshold is not None:
-        parts.append(f"{summary.flagged} anomalous (threshold {threshold:.4g})")
-    if summary.errors:
-        parts.append(f"{summary.errors} unreadable (see 'error' in the results)")
-    if summary.skipped:
-        parts.append(f"{summary.skipped} already done")
-    print(", ".join(parts) + f" -> {results} (and {PARQUET_FILE})")
-    return 0 if summary.scored or summary.skipped or not summary.errors else 1
+    print(summary.line(threshold) + f" -> {results} (and {PARQUET_FILE})")
+    return summary.exit_code
 

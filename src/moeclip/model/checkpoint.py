@@ -30,6 +30,30 @@ FORMAT = "moeclip"
 
 
 # ---------------------------------------------------------------------------- official names
+#: Our name and the official name of every non-expert adapter parameter, in both directions.
+#: ``{n}`` a layer index, ``{wb}`` weight|bias; ``{fc}`` the official linear layer, read as
+#: ``fc`` or ``fc.0`` (with ReLU) and written as ``relu`` says; ``{fc0}`` read the same, always written ``fc.0``.
+_NAMES = (
+    ("moe.{n}.router.gate.weight", "image_adapter.moe_adapters.{n}.gate.weight"),
+    ("seg_proj.{n}.proj.weight", "image_adapter.seg_proj.{n}.{fc}.weight"),
+    ("det_proj.norm.{wb}", "image_adapter.det_proj.ln.{wb}"),
+    ("det_proj.dwconv.weight", "image_adapter.det_proj.adapter.0.weight"),
+    ("det_proj.pwconv.weight", "image_adapter.det_proj.adapter.2.weight"),
+    ("text.adapter.proj.weight", "text_adapter.0.{fc0}.weight"),
+)
+_FIELDS = {"n": r"(?P<n>\d+)", "wb": r"(?P<wb>weight|bias)", "fc": r"fc(?:\.0)?", "fc0": r"fc(?:\.0)?"}
+
+
+def _pattern(template: str) -> "re.Pattern[str]":
+    """A name template of :data:`_NAMES` as a regular expression (fields as in :data:`_FIELDS`)."""
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, ...
+    return re.compile("".join(_FIELDS[p] if i % 2 else re.escape(p) for i, p in enumerate(parts)))
+
+
+_OURS = [(_pattern(ours), official) for ours, official in _NAMES]
+_OFFICIAL = [(_pattern(official), ours) for ours, official in _NAMES]
+
+
 def official_to_ours(state: Dict[str, torch.Tensor], source: str = "official checkpoint") -> Dict[str, torch.Tensor]:
     """Map the official parameter names (``image_adapter.*``, ``text_adapter.*``) to ours.
 
@@ -37,23 +61,15 @@ def official_to_ours(state: Dict[str, torch.Tensor], source: str = "official che
     """
     ours: Dict[str, torch.Tensor] = {}
     experts: Dict[Tuple[int, str], Dict[int, torch.Tensor]] = {}
-    rules = [
-        (r"image_adapter\.moe_adapters\.(\d+)\.gate\.weight", lambda m: f"moe.{m[1]}.router.gate.weight"),
-        (r"image_adapter\.seg_proj\.(\d+)\.fc(?:\.0)?\.weight", lambda m: f"seg_proj.{m[1]}.proj.weight"),
-        (r"image_adapter\.det_proj\.ln\.(weight|bias)", lambda m: f"det_proj.norm.{m[1]}"),
-        (r"image_adapter\.det_proj\.adapter\.0\.weight", lambda m: "det_proj.dwconv.weight"),
-        (r"image_adapter\.det_proj\.adapter\.2\.weight", lambda m: "det_proj.pwconv.weight"),
-        (r"text_adapter\.0\.fc(?:\.0)?\.weight", lambda m: "text.adapter.proj.weight"),
-    ]
     for key, value in state.items():
         m = re.fullmatch(r"image_adapter\.moe_adapters\.(\d+)\.experts\.(\d+)\.(lora_[AB])\.weight", key)
         if m:
             experts.setdefault((int(m[1]), m[3]), {})[int(m[2])] = value
             continue
-        for pattern, name in rules:
-            m = re.fullmatch(pattern, key)
+        for pattern, name in _OFFICIAL:
+            m = pattern.fullmatch(key)
             if m:
-                ours[name(m)] = value
+                ours[name.format(**m.groupdict())] = value
                 break
         else:
             if key.startswith("image_adapter.") or key.startswith("text_adapter."):
@@ -76,17 +92,10 @@ def ours_to_official(state: Dict[str, torch.Tensor], relu: bool = False) -> Dict
             for e in range(value.shape[0]):
                 out[f"image_adapter.moe_adapters.{m[1]}.experts.{e}.{m[2]}.weight"] = value[e]
             continue
-        for pattern, name in [
-            (r"moe\.(\d+)\.router\.gate\.weight", lambda m: f"image_adapter.moe_adapters.{m[1]}.gate.weight"),
-            (r"seg_proj\.(\d+)\.proj\.weight", lambda m: f"image_adapter.seg_proj.{m[1]}.{seg}.weight"),
-            (r"det_proj\.norm\.(weight|bias)", lambda m: f"image_adapter.det_proj.ln.{m[1]}"),
-            (r"det_proj\.dwconv\.weight", lambda m: "image_adapter.det_proj.adapter.0.weight"),
-            (r"det_proj\.pwconv\.weight", lambda m: "image_adapter.det_proj.adapter.2.weight"),
-            (r"text\.adapter\.proj\.weight", lambda m: "text_adapter.0.fc.0.weight"),
-        ]:
-            m = re.fullmatch(pattern, key)
+        for pattern, name in _OURS:
+            m = pattern.fullmatch(key)
             if m:
-                out[name(m)] = value
+                out[name.format(fc=seg, fc0="fc.0", **m.groupdict())] = value
                 break
         else:
             raise KeyError(f"no official name for {key!r}")
