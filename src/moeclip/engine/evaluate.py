@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..data.dataset import ZSADDataset, collate
 from ..data.sample import Sample
 from ..metrics import ClassAccumulator, average_results
+from ..metrics.protocol import mean_std
 from ..model.scoring import Domain
 from ..precision import autocast
 from . import distributed as dist_utils
@@ -208,10 +209,10 @@ def format_table(results: Sequence[EvalResult], keys: Sequence[str] = METRIC_KEY
 
 
 def seed_statistics(per_seed: Sequence[EvalResult], keys: Sequence[str] = METRIC_KEYS) -> Dict[str, Dict]:
-    """Mean and population std over seeds of each metric, per class and for the average.
+    """Mean and sample std (:func:`mean_std`) over seeds of each metric, per class and for the average.
 
     ``{"per_class": {cls: {k: mean}}, "per_class_std": ..., "average": {k: mean}, "average_std": ...}``;
-    a metric undefined in any seed (None) stays None.
+    a metric undefined in any seed (None) stays None, and so does the std of a single seed.
     """
     def stats(dicts: List[Dict]) -> Tuple[Dict, Dict]:
         mean, std = {}, {}
@@ -220,7 +221,7 @@ def seed_statistics(per_seed: Sequence[EvalResult], keys: Sequence[str] = METRIC
             if any(v is None for v in vals):
                 mean[k] = std[k] = None
             else:
-                mean[k], std[k] = float(np.mean(vals)), float(np.std(vals))
+                mean[k], std[k], _ = mean_std(vals)
         return mean, std
 
     out: Dict[str, Dict] = {"per_class": OrderedDict(), "per_class_std": OrderedDict()}
@@ -236,7 +237,9 @@ def format_table_seeds(rows: Sequence[Tuple[str, Dict[str, Dict]]], keys: Sequen
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(m, s):
-        return "n/a" if m is None else f"{100 * m:.1f} ± {100 * s:.1f}"
+        if m is None:
+            return "n/a"
+        return f"{100 * m:.1f}" if s is None else f"{100 * m:.1f} ± {100 * s:.1f}"
 
     for source, st in rows:
         for name, m in st["per_class"].items():

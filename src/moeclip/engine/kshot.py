@@ -4,7 +4,7 @@ For every seed and every class, K references are drawn (``numpy.random.default_r
 without replacement, from the sorted list of the class's normal training images, see
 :mod:`moeclip.data.references`), a memory bank is built from them, and the class's test images
 are evaluated on the fused map (:class:`moeclip.engine.evaluate.FewShot`). Results are reported
-per seed and as mean and (population) standard deviation over the seeds. A reference is never a
+per seed and as mean and sample standard deviation (ddof=1) over the seeds. A reference is never a
 test image: the draw is refused if one is.
 """
 from __future__ import annotations

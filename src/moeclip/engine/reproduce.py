@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from ..data.registry import get_dataset, list_datasets
 from ..errors import MoECLIPError
 from ..fileio import atomic_write_text
+from ..metrics.protocol import mean_std
 from ..model.config import ModelConfig
 from .config import TrainConfig
 
@@ -591,14 +592,6 @@ def collect(plan: Plan) -> Dict[str, Dict[str, Dict[str, Optional[float]]]]:
         out.setdefault(s.dataset, {})[s.replicate] = {
             m: None if average.get(m) is None else 100.0 * float(average[m]) for m in REPORT_METRICS}
     return out
-
-
-def mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float], int]:
-    """(mean, sample std with ddof=1 or None for fewer than two, n)."""
-    values = [float(v) for v in values]
-    if not values:
-        return None, None, 0
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
 
 
 def _reference(table: dict, key: str, metric: str) -> Tuple[Optional[float], Optional[str]]:

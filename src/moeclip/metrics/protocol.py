@@ -18,7 +18,8 @@ reports 0 for a class with one image label only.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import statistics
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -283,3 +284,12 @@ class ClassAccumulator:
             has_pixel_gt=self.has_pixel_gt,
             fpr_limit=self.fpr_limit,
         )
+
+
+def mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float], int]:
+    """(mean, sample std with ddof=1 or None for fewer than two, n): the one spread over seeds the
+    package reports (``test --shots``, ``reproduce``)."""
+    values = [float(v) for v in values]
+    if not values:
+        return None, None, 0
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
