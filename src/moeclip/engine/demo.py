@@ -90,10 +90,11 @@ def run_demo(cfg: DemoConfig, say=print) -> Dict:
     steps, train_seconds = _train(cfg, model, train_src, out / "run", device)
     say("[5/6] zero-shot evaluation after training")
     after = evaluate("after training")
-    few = _few_shot(cfg, model, held_src, device, say)
+    few, refs = _few_shot(cfg, model, held_src, device, say)
     doc = _write_outputs(cfg, model, out, before, after, steps, train_seconds)
     if few is not None:
-        doc["few_shot"] = {**{k: few.average.get(k) for k in SUMMARY_KEYS}, "shots": cfg.shots, "seed": 0}
+        doc["few_shot"] = {**{k: few.average.get(k) for k in SUMMARY_KEYS}, "shots": cfg.shots, "seed": 0,
+                           "references": {g: [str(p) for p in ps] for g, ps in refs.items()}}
         doc["per_class"]["few_shot"] = few.per_class
     doc["total_seconds"] = round(time.time() - t0, 1)
     (out / "demo_results.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -163,16 +164,22 @@ def _few_shot(cfg: DemoConfig, model, held_src, device, say):
     The references are drawn (seed 0) from the held-out categories' ``train/good`` normals by the
     k-shot protocol's own picker, which refuses any reference that is also a test image.
     """
-    from .evaluate import format_table
-    from .kshot import evaluate_k_shot
+    from .evaluate import FewShot, evaluate_source, format_table
+    from .kshot import reference_picker
 
     if cfg.shots <= 0:
-        return None
+        return None, {}
     say(f"[6/6] few-shot evaluation after training ({cfg.shots} normal references per held-out category)")
-    res = evaluate_k_shot(model, held_src, shots=cfg.shots, seeds=[0], image_size=cfg.image_size, device=device,
-                          batch_size=32, progress=cfg.progress).per_seed[0]
+    pick, chosen = reference_picker(cfg.shots, seed=0), {}
+
+    def references(source, group, samples):
+        chosen[group] = pick(source, group, samples)
+        return chosen[group]
+
+    res = evaluate_source(model, held_src, few_shot=FewShot(references), image_size=cfg.image_size, device=device,
+                          batch_size=32, progress=cfg.progress)
     say(f"\nfew-shot ({cfg.shots} refs): held-out categories\n{format_table([res])}\n")
-    return res
+    return res, chosen
 
 
 def _write_outputs(cfg: DemoConfig, model, out: Path, before, after, steps: int, train_seconds: float) -> Dict:
