@@ -1,4 +1,5 @@
-"""The offline demo: synthetic data, a tiny random CLIP, training, zero-shot evaluation before/after.
+"""The offline demo: synthetic data, a tiny random CLIP, training, zero-shot evaluation before/after,
+then few-shot evaluation (K normal references per held-out category) of the trained model.
 
 What it proves: the whole pipeline (data, MoE adapters, losses, training, zero-shot scoring,
 metrics, checkpoints) works end to end, and training on some categories improves anomaly
@@ -6,6 +7,10 @@ localisation on categories never seen in training. What it does not prove: anyth
 CLIP. A random-weight CLIP has no language grounding, so every category is prompted with one
 shared description (the object-agnostic setting); real use needs pretrained CLIP weights and
 per-class descriptions.
+
+The few-shot references are extra ``<class>/train/good`` normals of the held-out categories,
+drawn by the same generator from their own per-image seeds, so the test images (and so the
+before/after numbers) are byte-identical with or without them, and no reference is a test image.
 """
 from __future__ import annotations
 
@@ -46,6 +51,8 @@ class DemoConfig:
     workers: int = 1
     overwrite: bool = False
     progress: bool = True
+    shots: int = 4  # few-shot references per held-out category in the third stage (0: skip it)
+    reference_pool: int = 8  # extra normals generated per held-out category, the shots are drawn from them
 
 
 def run_demo(cfg: DemoConfig, say=print) -> Dict:
@@ -58,11 +65,13 @@ def run_demo(cfg: DemoConfig, say=print) -> Dict:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise MoECLIPError(f"{out}: output directory is not empty (use --overwrite)")
+    if cfg.shots < 0:
+        raise MoECLIPError(f"--shots must be >= 0 (0 skips the few-shot stage), got {cfg.shots}")
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     train_src, held_src = _make_data(cfg, out, say)
 
-    say("[2/5] building the model")
+    say("[2/6] building the model")
     if not cfg.clip_model:
         # the tiny model gains nothing from a second compute thread, and one thread is immune to a
         # busy machine; the second core decodes and augments the next batches (one loader worker)
@@ -75,13 +84,18 @@ def run_demo(cfg: DemoConfig, say=print) -> Dict:
         say(f"\n{tag}: zero-shot on held-out categories\n{format_table([res])}\n")
         return res
 
-    say("[3/5] zero-shot evaluation before training")
+    say("[3/6] zero-shot evaluation before training")
     before = evaluate("before training")
-    say(f"[4/5] training {cfg.steps} steps (batch {cfg.batch_size}, Adam lr {cfg.lr})")
+    say(f"[4/6] training {cfg.steps} steps (batch {cfg.batch_size}, Adam lr {cfg.lr})")
     steps, train_seconds = _train(cfg, model, train_src, out / "run", device)
-    say("[5/5] zero-shot evaluation after training")
+    say("[5/6] zero-shot evaluation after training")
     after = evaluate("after training")
+    few, refs = _few_shot(cfg, model, held_src, device, say)
     doc = _write_outputs(cfg, model, out, before, after, steps, train_seconds)
+    if few is not None:
+        doc["few_shot"] = {**{k: few.average.get(k) for k in SUMMARY_KEYS}, "shots": cfg.shots, "seed": 0,
+                           "references": {g: [str(p) for p in ps] for g, ps in refs.items()}}
+        doc["per_class"]["few_shot"] = few.per_class
     doc["total_seconds"] = round(time.time() - t0, 1)
     (out / "demo_results.json").write_text(json.dumps(doc, indent=2) + "\n")
     _print_summary(doc, out, say)
@@ -93,15 +107,17 @@ def _make_data(cfg: DemoConfig, out: Path, say):
     from ..data.synth import DEFAULT_HELDOUT_CATEGORIES, DEFAULT_TRAIN_CATEGORIES, generate_dataset
     from .sources import build_source
 
-    say(f"[1/5] generating synthetic data in {out / 'data'}")
+    say(f"[1/6] generating synthetic data in {out / 'data'}")
     n_tr, n_ho = cfg.train_per_category, cfg.heldout_per_category
     workers = min(4, os.cpu_count() or 1)  # the images do not depend on it
     generate_dataset(out / "data" / "train", DEFAULT_TRAIN_CATEGORIES, n_normal=n_tr // 2,
                      n_anomalous=n_tr - n_tr // 2, image_size=cfg.image_size, seed=cfg.seed, overwrite=True,
                      defect_scale=cfg.defect_scale, workers=workers)
+    # train/good: the few-shot reference pool; per-image seeds keep the test images identical without it
     generate_dataset(out / "data" / "heldout", DEFAULT_HELDOUT_CATEGORIES, n_normal=n_ho // 2,
                      n_anomalous=n_ho - n_ho // 2, image_size=cfg.image_size, seed=cfg.seed + 1, overwrite=True,
-                     defect_scale=cfg.defect_scale, workers=workers)
+                     n_train=max(cfg.reference_pool, cfg.shots) if cfg.shots > 0 else 0, defect_scale=cfg.defect_scale,
+                     workers=workers)
     shared = out / "data" / "shared-description.json"
     categories = DEFAULT_TRAIN_CATEGORIES + DEFAULT_HELDOUT_CATEGORIES
     shared.write_text(json.dumps({c: SHARED_DESCRIPTION for c in categories}))
@@ -142,6 +158,30 @@ def _train(cfg: DemoConfig, model, train_src, run_dir: Path, device):
     return trainer.step, time.time() - t
 
 
+def _few_shot(cfg: DemoConfig, model, held_src, device, say):
+    """Step 6: the trained model on the held-out test images, fused with ``cfg.shots`` references each.
+
+    The references are drawn (seed 0) from the held-out categories' ``train/good`` normals by the
+    k-shot protocol's own picker, which refuses any reference that is also a test image.
+    """
+    from .evaluate import FewShot, evaluate_source, format_table
+    from .kshot import reference_picker
+
+    if cfg.shots <= 0:
+        return None, {}
+    say(f"[6/6] few-shot evaluation after training ({cfg.shots} normal references per held-out category)")
+    pick, chosen = reference_picker(cfg.shots, seed=0), {}
+
+    def references(source, group, samples):
+        chosen[group] = pick(source, group, samples)
+        return chosen[group]
+
+    res = evaluate_source(model, held_src, few_shot=FewShot(references), image_size=cfg.image_size, device=device,
+                          batch_size=32, progress=cfg.progress)
+    say(f"\nfew-shot ({cfg.shots} refs): held-out categories\n{format_table([res])}\n")
+    return res, chosen
+
+
 def _write_outputs(cfg: DemoConfig, model, out: Path, before, after, steps: int, train_seconds: float) -> Dict:
     """Checkpoint, overlays of the held-out images (anomalous first) and the results document."""
     from ..analysis.overlay import save_triptych
@@ -169,10 +209,11 @@ def _write_outputs(cfg: DemoConfig, model, out: Path, before, after, steps: int,
 
 
 def _print_summary(doc: Dict, out: Path, say) -> None:
-    b, a = doc["before"], doc["after"]
-    say("held-out averages       before  ->  after")
+    b, a, f = doc["before"], doc["after"], doc.get("few_shot")
+    head = "held-out averages       before  ->  after"
+    say(head + (f"   few-shot ({f['shots']} refs)" if f else ""))
     for k in SUMMARY_KEYS:
         fmt = lambda v: "  n/a" if v is None else f"{100 * v:5.1f}"  # noqa: E731
-        say(f"  {k:<20} {fmt(b[k])}  -> {fmt(a[k])}")
+        say(f"  {k:<20} {fmt(b[k])}  -> {fmt(a[k])}" + (f"   {fmt(f[k])}" if f else ""))
     say(f"\ncheckpoint: {doc['checkpoint']}  (usable by moeclip predict/test/serve/export)")
     say(f"overlays:   {out / 'overlays'}\nresults:    {out / 'demo_results.json'}  ({doc['total_seconds']} s in all)")
