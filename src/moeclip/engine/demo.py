@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from ..errors import MoECLIPError
+from ..fileio import atomic_write_text
 from ..model.config import AdapterConfig, BackboneConfig, ModelConfig
 
 SHARED_DESCRIPTION = "object"
@@ -97,7 +98,7 @@ def run_demo(cfg: DemoConfig, say=print) -> Dict:
                            "references": {g: [str(p) for p in ps] for g, ps in refs.items()}}
         doc["per_class"]["few_shot"] = few.per_class
     doc["total_seconds"] = round(time.time() - t0, 1)
-    (out / "demo_results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(out / "demo_results.json", json.dumps(doc, indent=2) + "\n")
     _print_summary(doc, out, say)
     return doc
 
@@ -120,7 +121,7 @@ def _make_data(cfg: DemoConfig, out: Path, say):
                      workers=workers)
     shared = out / "data" / "shared-description.json"
     categories = DEFAULT_TRAIN_CATEGORIES + DEFAULT_HELDOUT_CATEGORIES
-    shared.write_text(json.dumps({c: SHARED_DESCRIPTION for c in categories}))
+    atomic_write_text(shared, json.dumps({c: SHARED_DESCRIPTION for c in categories}))
     train_src = build_source(f"folder={out / 'data' / 'train'}", descriptions=str(shared), report=say)
     held_src = build_source(f"folder={out / 'data' / 'heldout'}", descriptions=str(shared), report=say)
     say(f"      training categories: {', '.join(DEFAULT_TRAIN_CATEGORIES)} ({len(train_src.samples)} images)")
