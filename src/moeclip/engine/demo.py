@@ -49,7 +49,7 @@ class DemoConfig:
     lr: float = 1e-3
     seed: int = 0
     device: str = "auto"
-    workers: int = 1
+    workers: int = 0  # batches loaded between steps: a loader process would contend with torch's threads
     overwrite: bool = False
     progress: bool = True
     shots: int = 4  # few-shot references per held-out category in the third stage (0: skip it)
@@ -57,7 +57,6 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, say=print) -> Dict:
-    import torch
 
     from ..precision import resolve_device
     from .evaluate import evaluate_source, format_table
@@ -73,10 +72,6 @@ def run_demo(cfg: DemoConfig, say=print) -> Dict:
     train_src, held_src = _make_data(cfg, out, say)
 
     say("[2/6] building the model")
-    if not cfg.clip_model:
-        # the tiny model gains nothing from a second compute thread, and one thread is immune to a
-        # busy machine; the second core decodes and augments the next batches (one loader worker)
-        torch.set_num_threads(1)
     model = _build_model(cfg, device, say)
 
     def evaluate(tag):

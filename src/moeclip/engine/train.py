@@ -55,6 +55,19 @@ def _seed_epoch(seed: int, epoch: int) -> None:
 
 
 
+def _fused(params) -> Dict:
+    """Adam as one fused kernel on CPU and CUDA (torch >= 2.4): at small model sizes the
+    per-parameter update loop was a measurable share of a training step."""
+    devices = ("cpu", "cuda") if _torch_at_least(2, 4) else ("cuda",)
+    ok = bool(params) and all(p.device.type in devices and p.dtype.is_floating_point for p in params)
+    return {"fused": True} if ok else {}
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) >= (major, minor)
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
         if resume:
@@ -107,7 +120,7 @@ class Trainer:
             # checkpoints must store the CLIP itself in full precision)
             model.cast_frozen_weights(cfg.precision)
         self.params = model.trainable_parameters()
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=tuple(cfg.betas))
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=tuple(cfg.betas), **_fused(self.params))
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.milestones), cfg.gamma)
         self.epoch, self.step, self.best = 0, 0, None
 

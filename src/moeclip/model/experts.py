@@ -35,10 +35,37 @@ class LoRAExperts(nn.Module):
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d) -> (N, E, r). LoRA dropout is drawn independently for each expert."""
         if self.training and self.dropout > 0:
+            blocks = self._diagonal_blocks()
+            if blocks is not None:
+                # FOFS: expert e reads only its own feature chunk, so only the chunk needs a
+                # dropout mask (an E-th of the random draws, which dominate this op on CPU)
+                N, d = x.shape
+                xs = nn.functional.dropout(x.view(N, self.num_experts, -1), self.dropout, True)
+                return torch.einsum("nec,erc->ner", xs, blocks.to(x.dtype))
             xs = nn.functional.dropout(x.unsqueeze(0).expand(self.num_experts, *x.shape), self.dropout, True)
             return torch.einsum("end,erd->ner", xs, self.lora_A.to(x.dtype))
         N, d = x.shape
         return (x @ self.lora_A.to(x.dtype).reshape(-1, d).T).view(N, self.num_experts, self.rank)
+
+    def _diagonal_blocks(self) -> Optional[torch.Tensor]:
+        """(E, r, d/E): the experts' chunks of ``lora_A`` when it is frozen and block-diagonal
+        over equal contiguous chunks (FOFS with E dividing d), else None.
+
+        Checked again whenever the weights change (a loaded checkpoint may hold anything).
+        """
+        A = self.lora_A
+        E, r, d = A.shape
+        if A.requires_grad or d % E:
+            return None
+        key = (A.data_ptr(), A._version, A.device, A.dtype)
+        if getattr(self, "_blocks_key", None) != key:
+            with torch.no_grad():
+                grid = A.view(E, r, E, d // E)
+                blocks = grid.diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()  # (E, r, d/E)
+                off = grid.abs().sum((1, 3)).fill_diagonal_(0).max().item() > 0
+            self._blocks = None if off else blocks
+            self._blocks_key = key
+        return self._blocks
 
     def mix(self, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_e w_e B_e h_e for dense weights (N, E) (zero outside the top-k): one matmul."""

@@ -71,3 +71,30 @@ def segmentation_losses(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     """:func:`segmentation_loss` of M maps (M, B, 2, H, W) at once: (M,), one set of operations for all."""
     m = mask[:, 0]
     return focal_losses(probs, mask) + dice_losses(probs[:, :, 0], 1 - m) + dice_losses(probs[:, :, 1], m)
+
+
+def segmentation_losses_from_gap(gap: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0,
+                                 smooth: float = 1e-5) -> torch.Tensor:
+    """:func:`segmentation_losses` of M maps given as logit gaps (M, B, H, W) (``scoring.segmentation_gap``).
+
+    The same three terms on the two-class softmax written as sigmoids of the gap: the clamped
+    one-hot focal term is affine in the target class's probability ``sigmoid(+-gap)`` (taken
+    directly, not as ``1 - p``, which would lose the small ``pt`` to cancellation in float32),
+    and both Dice terms come from two sums per map and image (one matrix product). The
+    full-resolution work is a few operations on one channel instead of two through softmax.
+    """
+    M, B = gap.shape[:2]
+    target = mask.reshape(B, -1).long().float()  # the focal term's class index, as one_hot(mask.long())
+    sign = 2 * target - 1
+    q = torch.sigmoid(gap.float().reshape(M, B, -1) * sign)  # probability of the target class
+    lo, hi = smooth, 1.0 - smooth  # the one-hot target clamped for two classes
+    pt = (hi - lo) * q + (lo + smooth)
+    focal = -((1 - pt) ** gamma * pt.log()).reshape(M, -1).mean(1)
+    p = torch.addcmul(1 - target, sign, q)  # abnormal probability
+    m = mask.reshape(B, -1).float()
+    sums = torch.matmul(p.transpose(0, 1), torch.stack([torch.ones_like(m), m], -1)).transpose(0, 1)  # (M, B, 2)
+    s_p, s_pm = sums[..., 0], sums[..., 1]
+    s_m, s_n, n = m.sum(-1), (1 - m).sum(-1), float(m.shape[-1])
+    dice_abnormal = (2 * s_pm + 1.0) / (s_p + s_m + 1.0)
+    dice_normal = (2 * (s_n - s_p + s_pm) + 1.0) / ((n - s_p) + s_n + 1.0)
+    return focal + (1 - dice_normal.mean(-1)) + (1 - dice_abnormal.mean(-1))

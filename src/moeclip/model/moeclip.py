@@ -13,12 +13,12 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import MoECLIPError
 from .backbone import create_clip, freeze, vision_dims
 from .config import AdapterConfig, BackboneConfig, ModelConfig
-from .losses import segmentation_losses
+from .losses import segmentation_losses_from_gap
 from .moe import MoEAdapter
 from .paa import patch_average_radii
 from .projections import DetProjection, SegProjection, project_stacked
 from .router import Routing
-from .scoring import Domain, anomaly_map, image_score, segmentation_probs
+from .scoring import Domain, anomaly_map, image_score, segmentation_gap
 from .text import TextAdapter, TextEncoder
 
 
@@ -250,7 +250,7 @@ class MoECLIP(nn.Module):
         masks = masks.float()
 
         def maps_loss(f: torch.Tensor) -> torch.Tensor:  # (M, B, L, D) -> (M,)
-            return segmentation_losses(segmentation_probs(f, text, out.grid, size).float(), masks)
+            return segmentation_losses_from_gap(segmentation_gap(f, text, out.grid, size), masks)
 
         def level_losses(patches: torch.Tensor, level: int) -> torch.Tensor:
             return maps_loss(self.seg_stack([patches], out.grid, [level]))
