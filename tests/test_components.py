@@ -12,10 +12,12 @@ from moeclip.model.backbone import create_clip
 from moeclip.model.config import AdapterConfig, BackboneConfig
 from moeclip.model.experts import LoRAExperts
 from moeclip.model.fofs import feature_chunks, fofs_down_projections
-from moeclip.model.losses import balance_loss, etf_loss, segmentation_loss, segmentation_losses
+from moeclip.model.losses import (balance_loss, etf_loss, segmentation_loss, segmentation_losses,
+                                  segmentation_losses_from_gap)
 from moeclip.model.moeclip import MoECLIP
 from moeclip.model.paa import patch_average, patch_average_radii
 from moeclip.model.router import Router
+from moeclip.model.scoring import segmentation_gap, segmentation_probs
 
 
 # ----------------------------------------------------------------------------- FOFS
@@ -69,6 +71,48 @@ def test_mixed_experts_equal_the_routed_sum():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ex.all_outputs(h)[:, 1], (x @ ex.lora_A[1].T @ ex.lora_B[1].T) * ex.scaling,
                                atol=1e-5, rtol=1e-5)
+
+
+def _dropout_reference(ex: LoRAExperts, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per expert, the full-width formula ``A_e (mask_e * x / (1 - p))`` written out."""
+    return torch.stack([(x * masks[e] / (1 - ex.dropout)) @ ex.lora_A[e].T for e in range(ex.num_experts)], 1)
+
+
+def test_fofs_lora_dropout_on_each_experts_chunk_is_the_full_width_dropout():
+    """With FOFS, expert e reads only its chunk, so drawing the dropout mask on the chunk alone gives
+    what a full-width mask gives (mask values outside the chunk meet zeros of A)."""
+    torch.manual_seed(3)
+    ex = LoRAExperts(32, 4, 4, 8.0, dropout=0.3, fofs=True).train()
+    x = torch.randn(50, 32)
+    torch.manual_seed(11)
+    h = ex.down(x)
+    torch.manual_seed(11)
+    chunk_keep = F.dropout(torch.ones(50, 4, 8), 0.3, True) > 0  # the same draws: one mask per (token, expert, chunk)
+    masks = torch.zeros(4, 50, 32)
+    for e in range(4):
+        masks[e, :, 8 * e:8 * (e + 1)] = chunk_keep[:, e].float()
+        masks[e, :, :8 * e] = torch.randint(0, 2, (50, 8 * e)).float()  # anything outside the chunk
+    torch.testing.assert_close(h, _dropout_reference(ex, x, masks), atol=1e-5, rtol=1e-5)
+    kept = chunk_keep.float().mean().item()
+    assert 0.6 < kept < 0.8  # p = 0.3 per element
+
+
+def test_lora_dropout_falls_back_to_full_width_masks_when_A_is_not_block_diagonal():
+    torch.manual_seed(4)
+    uneven = LoRAExperts(34, 4, 4, 8.0, dropout=0.3, fofs=True).train()  # chunks 9, 9, 8, 8
+    plain = LoRAExperts(32, 4, 4, 8.0, dropout=0.3, fofs=False).train()  # dense, trained A
+    loaded = LoRAExperts(32, 4, 4, 8.0, dropout=0.3, fofs=True).train()
+    assert loaded._diagonal_blocks() is not None
+    with torch.no_grad():
+        loaded.lora_A[0, 0, 31] = 0.5  # e.g. a checkpoint whose A is not FOFS-shaped
+    for ex in (uneven, plain, loaded):
+        assert ex._diagonal_blocks() is None
+        x = torch.randn(20, ex.lora_A.shape[-1])
+        torch.manual_seed(12)
+        h = ex.down(x)
+        torch.manual_seed(12)
+        keep = F.dropout(torch.ones(ex.num_experts, *x.shape), 0.3, True) > 0
+        torch.testing.assert_close(h, _dropout_reference(ex, x, keep.float()), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- router
@@ -157,6 +201,38 @@ def test_stacked_segmentation_losses_equal_one_map_at_a_time():
     expected = torch.stack([reference(p) for p in probs])
     torch.testing.assert_close(stacked, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(segmentation_loss(probs[3], mask), expected[3], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("grid,size,per_image_text", [((8, 8), (64, 64), False), ((5, 7), (33, 50), True),
+                                                       ((4, 4), (4, 4), False)])
+def test_gap_losses_equal_the_softmax_losses_and_their_gradients(grid, size, per_image_text):
+    """The training path (one-channel logit gap, matmul upsampling, sigmoid) against the two-channel
+    softmax of ``F.interpolate``-upsampled logits: the same losses and feature gradients."""
+    torch.manual_seed(7)
+    M, B, D = 3, 2, 16
+    feats = F.normalize(torch.randn(M, B, grid[0] * grid[1], D, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(*((B,) if per_image_text else ()), D, 2, dtype=torch.float64), dim=-2)
+    mask = (torch.rand(B, 1, *size) > 0.7).double()
+    f1, f2 = feats.clone().requires_grad_(), feats.clone().requires_grad_()
+    ref = segmentation_losses(segmentation_probs(f1, text, grid, size), mask)
+    gap = segmentation_gap(f2, text, grid, size)
+    torch.testing.assert_close(torch.sigmoid(gap), segmentation_probs(feats, text, grid, size)[:, :, 1],
+                               atol=1e-12, rtol=0)
+    got = segmentation_losses_from_gap(gap.double(), mask)  # the loss computes in float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=0)
+    (ref * torch.arange(1.0, M + 1, dtype=ref.dtype)).sum().backward()
+    (got.double() * torch.arange(1.0, M + 1, dtype=ref.dtype)).sum().backward()
+    torch.testing.assert_close(f2.grad, f1.grad, rtol=0, atol=1e-5 * f1.grad.abs().max().item())
+
+
+def test_gap_focal_term_keeps_small_probabilities_in_float32():
+    """Saturated maps (logit gaps of +-200, as the logit scale of 100 gives): ``pt`` of a confidently
+    wrong pixel is ~2e-5 and must not be lost to cancellation (computed as 1 - p it would be)."""
+    gap = torch.tensor([[[[200.0, -200.0], [-200.0, 200.0]]]])  # (M=1, B=1, 2, 2)
+    mask = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])  # two pixels confidently wrong, two right
+    probs = torch.stack([torch.sigmoid(-gap.double()), torch.sigmoid(gap.double())], 2)
+    ref = segmentation_losses(probs, mask.double())
+    torch.testing.assert_close(segmentation_losses_from_gap(gap, mask).double(), ref, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("radius", [1, 3, 5])

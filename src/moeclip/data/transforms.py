@@ -25,11 +25,14 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
+from .._imports import light_torchvision
 from .imageio import resize_mask, to_pil_rgb
+
+light_torchvision()  # transforms only: not torchvision.models/ops (torch._dynamo)
+import torchvision.transforms.functional as TF  # noqa: E402
+from torchvision.transforms import InterpolationMode  # noqa: E402
 
 __all__ = [
     "CLIP_MEAN",

@@ -21,7 +21,9 @@ _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 def _read_model_config(spec: str) -> Dict[str, Any]:
     """open_clip model config dict for an architecture name or a JSON file."""
-    import open_clip
+    from .._imports import import_open_clip
+
+    open_clip = import_open_clip()
 
     path = Path(spec)
     if spec.endswith(".json") or path.is_file():
@@ -44,6 +46,9 @@ def _read_model_config(spec: str) -> Dict[str, Any]:
 
 
 def _build_architecture(cfg: BackboneConfig) -> nn.Module:
+    from .._imports import import_open_clip
+
+    import_open_clip()
     from open_clip.model import CLIP
 
     model_cfg = _read_model_config(cfg.model)
@@ -118,6 +123,9 @@ def _try_torchscript(path: Path) -> Optional[Dict[str, torch.Tensor]]:
 
 def load_weights_into(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
     """Load a full CLIP state dict strictly, with a one-line error naming the first mismatch."""
+    from .._imports import import_open_clip
+
+    import_open_clip()
     from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
     state = dict(state)
@@ -159,7 +167,9 @@ def create_clip(cfg: BackboneConfig) -> nn.Module:
 
 def _create_from_tag(cfg: BackboneConfig) -> nn.Module:
     """An open_clip pretrained tag: open_clip downloads (or finds in its cache) the weights."""
-    import open_clip
+    from .._imports import import_open_clip
+
+    open_clip = import_open_clip()
 
     if Path(cfg.model).suffix == ".json":
         raise MoECLIPError(f"pretrained tag {cfg.pretrained!r} needs an open_clip architecture name, "
@@ -185,6 +195,9 @@ def _create_from_tag(cfg: BackboneConfig) -> nn.Module:
 
 
 def _set_gelu(model: nn.Module) -> None:
+    from .._imports import import_open_clip
+
+    import_open_clip()
     from open_clip.transformer import QuickGELU
 
     for module in model.modules():

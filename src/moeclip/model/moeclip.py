@@ -60,7 +60,9 @@ class MoECLIP(nn.Module):
         self.seg_proj = nn.ModuleList(SegProjection(width, embed_dim, cfg.relu) for _ in range(n_proj))
         self.det_proj = DetProjection(width, embed_dim)
         if tokenizer is None:
-            import open_clip
+            from .._imports import import_open_clip
+
+            open_clip = import_open_clip()
 
             tokenizer = open_clip.tokenize
         self.text = TextEncoder(clip, tokenizer, TextAdapter(dims["text_width"], embed_dim))
@@ -290,7 +292,9 @@ def use_sequence_first(visual: nn.Module) -> bool:
 
 def tokenizer_for(model: str):
     """open_clip's tokenizer for a named architecture; the CLIP BPE tokenizer for JSON configs."""
-    import open_clip
+    from .._imports import import_open_clip
+
+    open_clip = import_open_clip()
 
     if model.endswith(".json"):
         return open_clip.tokenize

@@ -60,6 +60,9 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def frozen_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """EOT token after ``ln_final`` for each prompt: (n, text_width), float32."""
+        from .._imports import import_open_clip
+
+        import_open_clip()
         from open_clip.transformer import text_global_pool
 
         clip = self.clip
