@@ -12,8 +12,14 @@ from moeclip.model.backbone import create_clip
 from moeclip.model.config import AdapterConfig, BackboneConfig
 from moeclip.model.experts import LoRAExperts
 from moeclip.model.fofs import feature_chunks, fofs_down_projections
-from moeclip.model.losses import (balance_loss, etf_loss, segmentation_loss, segmentation_losses,
-                                  segmentation_losses_from_gap)
+from moeclip.model.losses import (
+    balance_loss,
+    etf_loss,
+    etf_loss_from_gram,
+    segmentation_loss,
+    segmentation_losses,
+    segmentation_losses_from_gap,
+)
 from moeclip.model.moeclip import MoECLIP
 from moeclip.model.paa import patch_average, patch_average_radii
 from moeclip.model.router import Router
@@ -156,6 +162,34 @@ def test_etf_loss_zero_on_simplex_positive_otherwise():
     assert loss > 0
     loss.backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def _etf_by_normalising(outs: torch.Tensor) -> torch.Tensor:
+    """The ETF loss as the reference writes it: normalise the (N, E, d) outputs, then their Gram matrix."""
+    z = F.normalize(outs, dim=-1, eps=1e-6)
+    E = outs.shape[1]
+    target = torch.full((E, E), -1.0 / (E - 1), dtype=outs.dtype)
+    target.fill_diagonal_(1.0)
+    return ((z @ z.transpose(1, 2) - target) ** 2).mean()
+
+
+def test_etf_from_the_experts_gram_equals_normalising_their_outputs():
+    """``output_gram`` (never materialising the outputs) + ``etf_loss_from_gram`` against the reference:
+    the same loss and the same gradients for lora_B, also with some experts silent (zero outputs)."""
+    torch.manual_seed(8)
+    ex = LoRAExperts(32, 4, 4, 8.0, fofs=True)
+    torch.nn.init.normal_(ex.lora_B)
+    with torch.no_grad():
+        ex.lora_B[2] = 0  # an untrained expert: zero outputs, as every expert at initialisation
+    h = ex.down(torch.randn(40, 32))
+    ref = _etf_by_normalising(ex.all_outputs(h))
+    (g_ref,) = torch.autograd.grad(ref, ex.lora_B)
+    got = etf_loss_from_gram(ex.output_gram(h))
+    (g_got,) = torch.autograd.grad(got, ex.lora_B)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    assert torch.isfinite(g_got).all()
+    torch.testing.assert_close(g_got, g_ref, rtol=0, atol=1e-5 * g_ref.abs().max().item())
+    torch.testing.assert_close(etf_loss(ex.all_outputs(h)), ref, rtol=1e-5, atol=1e-7)
 
 
 def test_balance_loss():

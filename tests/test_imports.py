@@ -70,7 +70,8 @@ import timm, torchvision
 assert _LOADER_KEY in vars(sys.modules["timm"]) and _LOADER_KEY in vars(sys.modules["torchvision.ops"])
 assert isinstance(timm.__version__, str)  # the first attribute runs timm's own __init__
 assert open_clip.timm_model.timm is timm and callable(timm.create_model)
-keep = torchvision.ops.nms(torch.tensor([[0., 0, 2, 2], [0, 0, 2, 2.1], [5, 5, 6, 6]]), torch.tensor([0.9, 0.8, 0.7]), 0.5)
+boxes = torch.tensor([[0., 0, 2, 2], [0, 0, 2, 2.1], [5, 5, 6, 6]])
+keep = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)
 assert keep.tolist() == [0, 2], keep
 from torchvision.models import resnet18
 assert resnet18(num_classes=3).fc.out_features == 3

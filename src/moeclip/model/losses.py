@@ -12,14 +12,24 @@ def etf_loss(expert_outputs: torch.Tensor) -> torch.Tensor:
     compared (mean squared error, averaged over tokens) with the ETF target: 1 on the
     diagonal, -1/(E-1) off it, i.e. experts as far apart as E unit vectors can be.
     """
-    N, E, _ = expert_outputs.shape
+    z = expert_outputs.float()
+    return etf_loss_from_gram(z @ z.transpose(1, 2))
+
+
+def etf_loss_from_gram(gram: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """:func:`etf_loss` from the (N, E, E) Gram matrices of the raw outputs.
+
+    Normalising the Gram matrix (``G_ef / (max(|o_e|, eps) max(|o_f|, eps))``) instead of the
+    (N, E, d) outputs gives the same cosines with E x E divisions per token instead of E x d.
+    """
+    N, E, _ = gram.shape
     if E < 2:
-        return expert_outputs.new_zeros(())
-    z = F.normalize(expert_outputs.float(), dim=-1, eps=1e-6)
-    gram = z @ z.transpose(1, 2)
-    target = torch.full((E, E), -1.0 / (E - 1), device=z.device, dtype=z.dtype)
+        return gram.new_zeros(())
+    norms = gram.diagonal(dim1=1, dim2=2).clamp_min(eps * eps).sqrt()  # max(|o|, eps), no sqrt at 0
+    cos = gram / (norms.unsqueeze(2) * norms.unsqueeze(1))
+    target = torch.full((E, E), -1.0 / (E - 1), device=gram.device, dtype=gram.dtype)
     target.fill_diagonal_(1.0)
-    return ((gram - target) ** 2).mean()
+    return ((cos - target) ** 2).mean()
 
 
 def balance_loss(router_probs: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .experts import LoRAExperts
-from .losses import balance_loss, etf_loss
+from .losses import balance_loss, etf_loss_from_gram
 from .router import Router, Routing
 
 
@@ -39,12 +39,9 @@ class MoEAdapter(nn.Module):
         dense = self.router.dense_weights(routing)
         h = self.experts.down(flat)
         bal = etf = None
+        m = self.experts.mix(h, dense)
         if compute_losses:
-            outs = self.experts.all_outputs(h)
-            m = (outs * dense.unsqueeze(-1).to(outs.dtype)).sum(1)
-            etf, bal = etf_loss(outs), balance_loss(routing.probs)
-        else:
-            m = self.experts.mix(h, dense)
+            etf, bal = etf_loss_from_gram(self.experts.output_gram(h)), balance_loss(routing.probs)
         m = m * (flat.norm(dim=-1, keepdim=True) / (m.norm(dim=-1, keepdim=True) + 1e-6))
         out = self.mix_weight * m + (1.0 - self.mix_weight) * flat
         routing = Routing(*(t.view(B, L, -1) for t in routing))
