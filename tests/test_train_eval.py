@@ -208,3 +208,24 @@ def test_bf16_training_casts_frozen_weights_with_identical_results(synth, tiny_c
                  "--out", str(out), "--precision", "bf16"]) == 0
     m = json.loads((out / "results.json").read_text())["datasets"][0]["per_class"]["wood"]
     assert 0.0 <= m["pixel_auroc"] <= 1.0
+
+
+def test_adam_is_fused_on_cpu_and_steps_like_the_loop():
+    """The trainer's Adam runs as one fused kernel on CPU; one step equals torch's per-parameter loop."""
+    from moeclip.engine.train import _fused
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    assert _fused(params) == {"fused": True}
+    assert _fused([torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)]) == {}
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused = torch.optim.Adam(params, lr=1e-2, betas=(0.5, 0.999), **_fused(params))
+    loop = torch.optim.Adam(twins, lr=1e-2, betas=(0.5, 0.999), foreach=False)
+    for _ in range(3):
+        for group in (params, twins):
+            for p in group:
+                p.grad = torch.cos(p.detach() * 3)
+        fused.step()
+        loop.step()
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
