@@ -1,11 +1,12 @@
-"""CPU deployment runtimes, interleaved in one run: PyTorch fp32/bf16, onnxruntime, OpenVINO fp32/fp16 IR.
+"""CPU deployment runtimes, interleaved in one run: PyTorch fp32/bf16, onnxruntime, OpenVINO fp32/fp16 IR (and bf16).
 
 Every runtime computes the same thing, preprocessed images (B, 3, S, S) -> raw anomaly maps and
 raw image scores for one object (the text features are computed once, outside the timing), on a
 random-weight CLIP with randomised adapters (speed does not depend on the values). The ONNX
 model is exported once (``moeclip export onnx``'s graph) and both OpenVINO IRs are converted
-from it (``moeclip export openvino [--fp16]``). Before timing, each runtime's maps are compared
-with PyTorch fp32 on the same batch (``max_abs_map_diff``).
+from it (``moeclip export openvino [--fp16]``); ``openvino-bf16`` runs the fp32 IR with OpenVINO's
+bf16 inference precision (``predict --openvino ... --precision bf16``), for CPUs with AMX / AVX-512
+bf16. Before timing, each runtime's maps are compared with PyTorch fp32 on the same batch (``max_abs_map_diff``).
 
     python benchmarks/runtimes.py --clip-model ViT-B-16 --image-size 224 --batch-sizes 1,8 --json out.json
 """
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-RUNTIMES = ("torch-fp32", "torch-bf16", "onnxruntime", "openvino-fp32", "openvino-fp16")
+RUNTIMES = ("torch-fp32", "torch-bf16", "onnxruntime", "openvino-fp32", "openvino-fp16", "openvino-bf16")
 OBJECT = "object"
 
 
@@ -68,7 +69,7 @@ def build_runners(args, workdir: Path) -> Dict[str, Callable[[np.ndarray], Any]]
         bf16_text = bf16.text_features(OBJECT)
         bf16.text_features = lambda obj: bf16_text
         runners["torch-bf16"] = lambda x: bf16.predict_tensors(torch.from_numpy(x), OBJECT)
-    if any(r in wanted for r in ("onnxruntime", "openvino-fp32", "openvino-fp16")):
+    if any(r in wanted for r in ("onnxruntime", "openvino-fp32", "openvino-fp16", "openvino-bf16")):
         onnx_path = export_onnx(fp32, workdir / "model.onnx", object=OBJECT)
         print(f"exported {onnx_path} ({onnx_path.stat().st_size / 1e6:.0f} MB)", flush=True)
         if "onnxruntime" in wanted:
@@ -80,10 +81,12 @@ def build_runners(args, workdir: Path) -> Dict[str, Callable[[np.ndarray], Any]]
             rt = OnnxRuntime(onnx_path)
             rt.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
             runners["onnxruntime"] = rt.run
-        for name, fp16 in (("openvino-fp32", False), ("openvino-fp16", True)):
+        # openvino-bf16: the fp32 IR computed in bf16 (INFERENCE_PRECISION_HINT), for CPUs with AMX/AVX-512 bf16
+        for name, fp16, hint in (("openvino-fp32", False, "f32"), ("openvino-fp16", True, "f32"),
+                                 ("openvino-bf16", False, "bf16")):
             if name in wanted:
                 xml = export_openvino(None, workdir / name, fp16=fp16, onnx_path=onnx_path)
-                runners[name] = OpenVINORuntime(xml, num_threads=args.threads).run
+                runners[name] = OpenVINORuntime(xml, num_threads=args.threads, inference_precision=hint).run
     return {name: runners[name] for name in wanted if name in runners}
 
 

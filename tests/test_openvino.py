@@ -89,3 +89,24 @@ def test_predict_openvino_equals_pytorch(exported, export_deploy_file, export_im
 def test_predict_openvino_runs_without_torch(exported, export_images, tmp_path):
     """The OpenVINO path imports neither torch nor the model (a fresh interpreter checks sys.modules)."""
     check_predict_without_torch("--openvino", exported, export_images, tmp_path / "out")
+
+
+def test_predict_openvino_bf16_precision(exported, export_images, tmp_path, capsys):
+    """``predict --openvino --precision bf16`` compiles the IR with OpenVINO's bf16 inference precision
+    (computed in bf16 on CPUs with AMX/AVX-512 bf16, in fp32 elsewhere): same files, maps close to fp32."""
+    from moeclip.inference.openvino import OpenVINORuntime
+
+    rt = OpenVINORuntime(exported, inference_precision="bf16")
+    assert str(rt.compiled.get_property("INFERENCE_PRECISION_HINT")).lower() in ("<type: 'bfloat16'>",
+                                                                                 "<type: 'float32'>")
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main(["predict", "--openvino", str(exported), str(export_images / "img1.png"), "--precision",
+                     precision, "--out", str(out)]) == 0
+        rows[precision] = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()][0]
+    assert rows["bf16"]["object_source"] == "openvino"
+    assert rows["bf16"]["raw_score"] == pytest.approx(rows["fp32"]["raw_score"], abs=0.05)
+    assert main(["predict", "--openvino", str(exported), str(export_images / "img1.png"), "--device", "cuda",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--device" in capsys.readouterr().err

@@ -191,7 +191,10 @@ def build(spec, deployment: Optional[Deployment]) -> Built:
         raise MoECLIPError("--openvino runs the exported model; drop --checkpoint/--onnx")
     if spec.model_options:
         raise MoECLIPError(f"--openvino: model flags {sorted(spec.model_options)} do not apply to an exported model")
-    if spec.precision != "fp32" or spec.device not in ("auto", "cpu"):
-        raise MoECLIPError("--openvino runs on OpenVINO's CPU device in the IR's precision; drop --device/--precision")
-    rt = OpenVINORuntime(spec.openvino, deployment=deployment)
+    if spec.device not in ("auto", "cpu"):
+        raise MoECLIPError("--openvino runs on OpenVINO's CPU device; drop --device")
+    # --precision bf16/fp16: OpenVINO computes the IR in that precision where the CPU has it (AMX,
+    # AVX-512 bf16/fp16); fp32 (the default) gives PyTorch's fp32 maps
+    hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[spec.precision]
+    rt = OpenVINORuntime(spec.openvino, deployment=deployment, inference_precision=hint)
     return built_exported(spec, rt, "--openvino", spec.openvino, "openvino")
