@@ -228,3 +228,12 @@ def test_protocols_and_checkpoint_names():
     assert R.protocol_legs("medical", ["kvasir"]) == [("VisA", ("Colon_Kvasir",))]
     with pytest.raises(MoECLIPError, match="not tested in the medical protocol"):
         R.protocol_legs("medical", ["MVTec"])
+
+
+def test_seeds_with_given_checkpoints_is_refused(tmp_path, capsys):
+    """Given checkpoints are the replicates: --seeds would be silently ignored, so it is an error."""
+    assert main(["reproduce", "--data-root", str(tmp_path), "--out", str(tmp_path / "run"), "--seeds", "1,2",
+                 "--checkpoint", str(tmp_path / "visa.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds 1,2 does not apply with --checkpoint" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

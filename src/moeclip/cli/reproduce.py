@@ -24,8 +24,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="RUN", help="run folder (created; reused to continue a run)")
     p.add_argument("--protocol", choices=PROTOCOL_NAMES, default="all",
                    help="industrial, medical or all (default) test datasets")
-    p.add_argument("--seeds", type=int_list, default=list(DEFAULT_SEEDS), metavar="S,S,..",
-                   help=f"one training per seed (default {','.join(map(str, DEFAULT_SEEDS))})")
+    p.add_argument("--seeds", type=int_list, default=None, metavar="S,S,..",
+                   help=f"one training per seed (default {','.join(map(str, DEFAULT_SEEDS))}; "
+                        "not with --checkpoint, where each checkpoint is one replicate)")
     p.add_argument("--datasets", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], metavar="LIST",
                    help="only these test datasets of the protocol (comma list; default all)")
     p.add_argument("--dry-run", action="store_true",
@@ -72,9 +73,15 @@ def config_from_args(args):
     import dataclasses
 
     from ..engine.config import TrainConfig
-    from ..engine.reproduce import ReproduceConfig
+    from ..engine.reproduce import DEFAULT_SEEDS, ReproduceConfig
+    from ..errors import MoECLIPError
     from ..model.config import AdapterConfig, BackboneConfig, ModelConfig
 
+    if args.seeds is not None and args.checkpoint:
+        raise MoECLIPError(f"--seeds {','.join(map(str, args.seeds))} does not apply with --checkpoint: each "
+                           "given checkpoint is one replicate (drop --seeds, or drop --checkpoint to train one "
+                           "model per seed)")
+    seeds = tuple(args.seeds) if args.seeds is not None else tuple(DEFAULT_SEEDS)
     options = model_options(args)
     backbone = backbone_overrides(options)
     if str(backbone.get("pretrained", "")).lower() == "random":
@@ -84,7 +91,7 @@ def config_from_args(args):
                         dataclasses.replace(AdapterConfig(), **adapter, released_training=args.released))
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
                         workers=args.workers, grad_checkpoint=args.grad_checkpoint, max_steps=args.max_steps)
-    return ReproduceConfig(protocol=args.protocol, seeds=tuple(args.seeds),
+    return ReproduceConfig(protocol=args.protocol, seeds=seeds,
                            datasets=tuple(args.datasets) if args.datasets else None,
                            checkpoints=_checkpoints(args.checkpoint), model=model, train=train,
                            backbone_overrides=backbone, adapter_overrides=adapter,
