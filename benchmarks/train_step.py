@@ -43,16 +43,9 @@ def parse(argv=None):
     return parser.parse_args(argv)
 
 
-def adam_options(params) -> dict:
-    """The training loop's Adam options (fused where available); {} for a version without them."""
-    try:
-        from moeclip.engine.train import _fused
-    except ImportError:
-        return {}
-    return _fused(params)
-
-
 def run_single(args) -> dict:
+    from moeclip.engine.train import _fused
+
     device = common.setup(args)
     print(f"building {args.clip_model} at {args.image_size} (random weights) on {device} ...", flush=True)
     model = common.build_moeclip(args.clip_model, args.image_size, device, args.seed, released=args.released)
@@ -60,7 +53,8 @@ def run_single(args) -> dict:
     model.train()
     model.grad_checkpoint = bool(args.grad_checkpoint)
     params = model.trainable_parameters()
-    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.999), **adam_options(params))
+    adam = _fused(params)  # the training loop's Adam options
+    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.999), **adam)
     model.text_features(common.DESCRIPTION)  # fills the frozen-text cache, as the first step of training would
     images, masks, labels = common.random_batch(args.batch_size, args.image_size, device, args.seed)
     phases = {"forward_loss": [], "backward_step": []}
@@ -89,7 +83,7 @@ def run_single(args) -> dict:
     doc = {
         "benchmark": "train_step",
         "config": {**common.config_dict(args, device), "grad_checkpoint": bool(args.grad_checkpoint),
-                   "released": bool(args.released), "optimizer": f"Adam(betas=(0.5, 0.999), {adam_options(params)})"},
+                   "released": bool(args.released), "optimizer": f"Adam(betas=(0.5, 0.999), {adam})"},
         "step_s": s["median"],
         "images_per_s": args.batch_size / s["median"],
         # process CPU time (all threads): on a shared machine it does not count waiting for a core

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from .._imports import import_open_clip
 from ..errors import MoECLIPError
 from .config import BackboneConfig
 
@@ -21,8 +22,6 @@ _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 def _read_model_config(spec: str) -> Dict[str, Any]:
     """open_clip model config dict for an architecture name or a JSON file."""
-    from .._imports import import_open_clip
-
     open_clip = import_open_clip()
 
     path = Path(spec)
@@ -46,10 +45,7 @@ def _read_model_config(spec: str) -> Dict[str, Any]:
 
 
 def _build_architecture(cfg: BackboneConfig) -> nn.Module:
-    from .._imports import import_open_clip
-
-    import_open_clip()
-    from open_clip.model import CLIP
+    CLIP = import_open_clip().model.CLIP
 
     model_cfg = _read_model_config(cfg.model)
     vision = model_cfg["vision_cfg"]
@@ -123,10 +119,8 @@ def _try_torchscript(path: Path) -> Optional[Dict[str, torch.Tensor]]:
 
 def load_weights_into(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
     """Load a full CLIP state dict strictly, with a one-line error naming the first mismatch."""
-    from .._imports import import_open_clip
-
-    import_open_clip()
-    from open_clip.model import resize_pos_embed, resize_text_pos_embed
+    oc_model = import_open_clip().model
+    resize_pos_embed, resize_text_pos_embed = oc_model.resize_pos_embed, oc_model.resize_text_pos_embed
 
     state = dict(state)
     if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
@@ -167,8 +161,6 @@ def create_clip(cfg: BackboneConfig) -> nn.Module:
 
 def _create_from_tag(cfg: BackboneConfig) -> nn.Module:
     """An open_clip pretrained tag: open_clip downloads (or finds in its cache) the weights."""
-    from .._imports import import_open_clip
-
     open_clip = import_open_clip()
 
     if Path(cfg.model).suffix == ".json":
@@ -195,10 +187,7 @@ def _create_from_tag(cfg: BackboneConfig) -> nn.Module:
 
 
 def _set_gelu(model: nn.Module) -> None:
-    from .._imports import import_open_clip
-
-    import_open_clip()
-    from open_clip.transformer import QuickGELU
+    QuickGELU = import_open_clip().transformer.QuickGELU
 
     for module in model.modules():
         for name, child in module.named_children():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .._imports import import_open_clip
 from ..errors import MoECLIPError
 from .backbone import create_clip, freeze, vision_dims
 from .config import AdapterConfig, BackboneConfig, ModelConfig
@@ -60,8 +61,6 @@ class MoECLIP(nn.Module):
         self.seg_proj = nn.ModuleList(SegProjection(width, embed_dim, cfg.relu) for _ in range(n_proj))
         self.det_proj = DetProjection(width, embed_dim)
         if tokenizer is None:
-            from .._imports import import_open_clip
-
             open_clip = import_open_clip()
 
             tokenizer = open_clip.tokenize
@@ -292,8 +291,6 @@ def use_sequence_first(visual: nn.Module) -> bool:
 
 def tokenizer_for(model: str):
     """open_clip's tokenizer for a named architecture; the CLIP BPE tokenizer for JSON configs."""
-    from .._imports import import_open_clip
-
     open_clip = import_open_clip()
 
     if model.endswith(".json"):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._imports import import_open_clip
 from .prompts import state_prompts
 
 
@@ -60,10 +61,7 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def frozen_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """EOT token after ``ln_final`` for each prompt: (n, text_width), float32."""
-        from .._imports import import_open_clip
-
-        import_open_clip()
-        from open_clip.transformer import text_global_pool
+        text_global_pool = import_open_clip().transformer.text_global_pool
 
         clip = self.clip
         device = clip.token_embedding.weight.device
