@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AdapterConfig": "model.config", "BackboneConfig": "model.config", "ModelConfig": "model.config",
-    "MoECLIP": "model.moeclip", "Detector": "inference.detector", "Prediction": "inference.detector",
+    "MoECLIP": "model.moeclip", "Detector": "inference.detector", "Prediction": "inference.pipeline",
     "load_model": "model.checkpoint", "save_checkpoint": "model.checkpoint", "MoECLIPError": "errors",
 }
 __all__ = list(_EXPORTS) + ["__version__"]
@@ -29,8 +29,3 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(name)
-
-
-from . import _compat  # noqa: E402  (old module paths keep working)
-
-_compat.install()
