@@ -6,8 +6,8 @@ Layers, each importing only the ones above it in this list:
   text, losses, torch scoring, config, checkpoints, :class:`MoECLIP`);
 - ``moeclip.data`` and ``moeclip.metrics``: datasets, scanners, manifests; the official rule;
 - ``moeclip.engine``: training, evaluation, torchrun, the demo;
-- ``moeclip.inference``: post-processing (numpy), the inference pipeline, Detector, deployment
-  files, ONNX, the web service;
+- ``moeclip.inference``: post-processing (numpy), the inference pipeline, its runtimes (PyTorch,
+  few-shot, ONNX, OpenVINO), Detector, deployment files, the runtime builder, the web service;
 - ``moeclip.analysis``: explain, reports, ablations;
 - ``moeclip.cli``: argument parsing only.
 """

@@ -7,9 +7,9 @@ runtimes themselves sit below (``torch_runtime``, ``references``, ``onnx``, ``op
 the :mod:`~moeclip.inference.pipeline` protocol), with the PyTorch
 :class:`~moeclip.inference.detector.Detector` between them and this module.
 
-Importing this module imports no torch: the PyTorch side (:mod:`moeclip.inference.detector`,
-:mod:`moeclip.model.options`' loading) is imported when a spec that needs it is built, so
-``predict --onnx``/``--openvino`` run without PyTorch installed.
+Importing this module imports no torch: the PyTorch side (:mod:`moeclip.inference.detector`) is
+imported when a spec that needs it is built, so ``predict --onnx``/``--openvino`` run without
+PyTorch installed.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 from ..errors import MoECLIPError
+from ..model.options import build_model
 from .deploy import Deployment
 from .exported import ExportedRuntime
 from .onnx import OnnxRuntime
@@ -74,9 +75,8 @@ class RuntimeSpec:
 
     # ------------------------------------------------------------------ PyTorch
     def _build_torch(self, dep: Optional[Deployment]) -> Built:
-        # lazily: torch is an optional dependency for the exported runtimes above (no cycle:
-        # nothing below this module imports it)
-        from ..model.options import build_model
+        # lazily, for torch (``predict --onnx/--openvino`` run without it); no cycle: nothing the
+        # Detector imports imports this module
         from .detector import Detector
 
         if dep is not None:
