@@ -87,7 +87,8 @@ def run_variant(argv: List[str], out: Path, n: int) -> Dict[str, float]:
 
 def stage_costs(images: Path, ckpt: Path, k: int = 16) -> Dict[str, float]:
     """Per image, one thread: decode (pipeline.decode) and the files of predict (npy + overlay PNG)."""
-    from moeclip.inference.pipeline import RuntimeSpec, decode
+    from moeclip.inference.build import RuntimeSpec
+    from moeclip.inference.pipeline import decode
     from moeclip.inference.render import overlay, png_bytes
 
     files = sorted(images.iterdir())[:k]

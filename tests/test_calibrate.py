@@ -12,7 +12,8 @@ from PIL import Image
 
 from moeclip.cli import main
 from moeclip.errors import MoECLIPError
-from moeclip.inference.deploy import Deployment, load_deployment_detector
+from moeclip.inference.deploy import Deployment
+from moeclip.inference.detector import load_deployment_detector
 from moeclip.inference.postprocess import Normalization, f1_threshold, fpr_threshold, image_score, rates, resize_map
 
 

@@ -185,7 +185,7 @@ def test_calibrate_leave_one_out_then_predict_with_the_deployment(ckpt, files, t
                  "--out", str(out)]) == 0
     row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     assert row["references"] == 3 and "decision" in row
-    deployed = dep.detector(device="cpu")
+    deployed = Detector.from_deployment(dep, device="cpu")
     want = deployed.predict([files / "test" / "screw" / "a.png"], object="screw")[0]
     assert row["score"] == pytest.approx(want.score, abs=1e-6) and want.extra["references"] == 3
     # separate reference images (not leave-one-out)
@@ -208,9 +208,8 @@ def test_onnx_export_bakes_the_bank_in(ckpt, files, tmp_path):
     model_path = tmp_path / "m.onnx"
     assert main(["export", "onnx", "--deploy", str(dep_path), "--out", str(model_path), "--exporter",
                  "torchscript"]) == 0
-    from moeclip.inference.deploy import Deployment
 
-    det = Deployment.load(dep_path).detector(device="cpu")
+    det = Detector.from_deployment(dep_path, device="cpu")
     diffs = compare_onnx(det, model_path)
     assert diffs["anomaly_map"] < 1e-4 and diffs["image_score"] < 1e-5
     rt = OnnxRuntime(model_path)

@@ -21,7 +21,9 @@ from PIL import Image
 from moeclip.analysis.report import final_image_scores
 from moeclip.inference import postprocess as pp
 from moeclip.inference.deploy import Deployment
-from moeclip.inference.pipeline import Job, ResultWriter, TorchRuntime, score_images
+from moeclip.inference.detector import Detector
+from moeclip.inference.pipeline import Job, ResultWriter, score_images
+from moeclip.inference.torch_runtime import TorchRuntime
 from moeclip.metrics import auroc, evaluate_class
 from moeclip.metrics.protocol import final_image_scores_, minmax_scale
 from moeclip.model.domain import Domain
@@ -167,7 +169,7 @@ def test_every_path_gives_the_same_scores(tiny_ckpt, tmp_path, domain):
     expected = pp.PostProcessor(NUM_MAPS, domain, NORM, 0.4, 9.0)(maps[0], float(scores[0]), (40, 90))
 
     # the Detector (PyTorch runtime) with its model's raw outputs replaced by the fixed ones
-    det = Deployment.load(dep_path).detector(device="cpu")
+    det = Detector.from_deployment(dep_path, device="cpu")
     det.predict_tensors = lambda batch, obj, dom: {"anomaly_map": torch.from_numpy(fixed_raw(list(batch))[0]),
                                                    "image_score": torch.from_numpy(fixed_raw(list(batch))[1])}
     via_detector = det.predict([image], object="metal nut")[0]
@@ -244,22 +246,3 @@ def test_score_images_passes_runtime_extras_and_decodes_uploads():
     assert [g.extra["fewshot_max"] for g in got] == pytest.approx(list(maps.max(axis=(1, 2)) + 1))
     assert [g.anomaly_map.shape for g in got] == [(10, 20), (12, 30)]
     assert Prediction.from_scored(got[1], "object", "industrial").extra == got[1].extra
-
-
-def test_old_names_forward_or_name_their_replacement():
-    import moeclip.inference.deploy as deploy
-    import moeclip.model.scoring as scoring
-    from moeclip.inference import render
-
-    with pytest.warns(DeprecationWarning, match="postprocess.fpr_threshold"):
-        assert deploy.fpr_threshold is pp.fpr_threshold
-    with pytest.warns(DeprecationWarning, match="load_deployment_detector"):
-        assert deploy.load_detector is deploy.load_deployment_detector
-    with pytest.warns(DeprecationWarning):
-        assert deploy.overlay is render.overlay
-    with pytest.raises(AttributeError, match="Normalization.fit"):
-        deploy.fit_normalization
-    with pytest.raises(AttributeError, match="Domain.parse"):
-        scoring.final_image_score
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        deploy.nothing

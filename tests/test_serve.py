@@ -23,6 +23,7 @@ from conftest import make_tiny_checkpoint  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from moeclip.inference.deploy import Deployment  # noqa: E402
+from moeclip.inference.detector import Detector  # noqa: E402
 from moeclip.inference.serve import create_app  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -44,7 +45,7 @@ def deployment(tiny_ckpt) -> Deployment:
 
 @pytest.fixture(scope="module")
 def detector(deployment):
-    return deployment.detector(device="cpu")
+    return Detector.from_deployment(deployment, device="cpu")
 
 
 @pytest.fixture(scope="module")

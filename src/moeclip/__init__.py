@@ -6,8 +6,8 @@ Layers, each importing only the ones above it in this list:
   text, losses, torch scoring, config, checkpoints, :class:`MoECLIP`);
 - ``moeclip.data`` and ``moeclip.metrics``: datasets, scanners, manifests; the official rule;
 - ``moeclip.engine``: training, evaluation, torchrun, the demo;
-- ``moeclip.inference``: post-processing (numpy), the inference pipeline, Detector, deployment
-  files, ONNX, the web service;
+- ``moeclip.inference``: post-processing (numpy), the inference pipeline, its runtimes (PyTorch,
+  few-shot, ONNX, OpenVINO), Detector, deployment files, the runtime builder, the web service;
 - ``moeclip.analysis``: explain, reports, ablations;
 - ``moeclip.cli``: argument parsing only.
 """
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AdapterConfig": "model.config", "BackboneConfig": "model.config", "ModelConfig": "model.config",
-    "MoECLIP": "model.moeclip", "Detector": "inference.detector", "Prediction": "inference.detector",
+    "MoECLIP": "model.moeclip", "Detector": "inference.detector", "Prediction": "inference.pipeline",
     "load_model": "model.checkpoint", "save_checkpoint": "model.checkpoint", "MoECLIPError": "errors",
 }
 __all__ = list(_EXPORTS) + ["__version__"]
@@ -29,8 +29,3 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(name)
-
-
-from . import _compat  # noqa: E402  (old module paths keep working)
-
-_compat.install()

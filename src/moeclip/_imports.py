@@ -1,13 +1,17 @@
-"""Import torchvision without the sub-packages moeclip never uses.
+"""Import torchvision and open_clip; in the ``moeclip`` command's own process, without the
+sub-packages moeclip never uses.
 
 ``import torchvision`` executes ``torchvision.models``, ``.ops`` and ``.datasets``, and ``ops``
 imports ``torch._dynamo``: 1 to 4 s, most of the start-up of ``moeclip demo`` or ``predict`` on a
 small CPU. moeclip uses ``torchvision.transforms`` only (open_clip also imports one class from
-``torchvision.ops.misc``). :func:`light_torchvision` imports torchvision with those three
-packages created as placeholders that carry their real ``__path__`` (so their submodules import
-as usual) and run their real ``__init__`` in place the first time any other attribute is asked
-for: code that uses them works unchanged, it pays for them when it does. Nothing changes when
-torchvision was imported before moeclip.
+``torchvision.ops.misc``). After :func:`defer_heavy_imports` (called by the command line's entry
+point, which owns its process, and by nothing else), :func:`light_torchvision` imports
+torchvision with those three packages created as placeholders that carry their real
+``__path__`` (so their submodules import as usual) and run their real ``__init__`` in place the
+first time any other attribute is asked for: code that uses them works unchanged, it pays for
+them when it does. In any other process (a user's program or notebook that imports moeclip) the
+imports are the ordinary ones: a library does not rewire another package's modules. Nothing
+changes either when torchvision was imported before.
 """
 from __future__ import annotations
 
@@ -22,6 +26,17 @@ DEFERRED = ("torchvision.models", "torchvision.ops", "torchvision.datasets")
 
 _lock = threading.RLock()
 _LOADER_KEY = "_moeclip_deferred_loader"
+_defer = False  # set by defer_heavy_imports (the moeclip command's process only)
+
+
+def defer_heavy_imports() -> None:
+    """From now on, import torchvision and open_clip with their unused packages deferred.
+
+    For the ``moeclip`` command's entry point only: it changes what later imports of
+    ``torchvision.models/ops/datasets`` and ``timm`` return in this process.
+    """
+    global _defer
+    _defer = True
 
 
 class _DeferredPackage(types.ModuleType):
@@ -64,10 +79,14 @@ class _DeferringFinder(importlib.abc.MetaPathFinder):
 
 
 def light_torchvision() -> None:
-    """Import torchvision, deferring ``models``, ``ops`` and ``datasets`` (see the module docstring)."""
-    if "torchvision" not in sys.modules:
-        with _deferring(*DEFERRED):
-            import torchvision  # noqa: F401
+    """Import torchvision; after :func:`defer_heavy_imports`, deferring ``models``, ``ops`` and ``datasets``."""
+    if "torchvision" in sys.modules:
+        return
+    if not _defer:
+        import torchvision  # noqa: F401
+        return
+    with _deferring(*DEFERRED):
+        import torchvision  # noqa: F401
 
 
 @contextlib.contextmanager
@@ -83,7 +102,7 @@ def _deferring(*names: str):
 
 
 def import_open_clip():
-    """``import open_clip`` after :func:`light_torchvision`, with the ``timm`` package deferred.
+    """``import open_clip``; after :func:`defer_heavy_imports`, with the ``timm`` package deferred too.
 
     open_clip imports timm for its timm-based towers (ConvNeXt, EVA: not ViTs moeclip can adapt),
     and ``timm`` imports ``timm.models`` and with it ``torch._dynamo``. The ``timm.layers`` classes
@@ -92,6 +111,9 @@ def import_open_clip():
     if "open_clip" in sys.modules:
         return sys.modules["open_clip"]
     light_torchvision()
+    if not _defer:
+        import open_clip
+        return open_clip
     with _deferring("timm"):
         import open_clip
     return open_clip

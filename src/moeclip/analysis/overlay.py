@@ -27,9 +27,3 @@ def save_triptych(image_path: str, amap: np.ndarray, mask: Optional[np.ndarray],
     panels = [np.asarray(img), np.asarray(over), np.stack([gt] * 3, -1)]
     gap = np.full((size, 6, 3), 255, np.uint8)
     save_png(Image.fromarray(np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)), out_path)
-
-
-def __getattr__(name):
-    from .._compat import moved_attribute
-
-    return moved_attribute(__name__, name)

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from .._imports import defer_heavy_imports
 from ..errors import MoECLIPError
 
 # Sub-command modules, in the order they appear in --help. They import optional extras
@@ -33,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The ``moeclip`` command; ``argv`` None: this process's own command line (the entry point).
+
+    Only then does it defer torchvision's and timm's unused packages (:mod:`moeclip._imports`):
+    the command owns its process, a program that calls ``main([...])`` keeps its imports as they are.
+    """
+    if argv is None:
+        defer_heavy_imports()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

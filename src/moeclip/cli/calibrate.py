@@ -66,7 +66,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..inference.calibrate import calibrate, labelled_items
     from ..inference.deploy import Deployment
-    from ..inference.pipeline import TorchRuntime, expand_inputs
+    from ..inference.pipeline import expand_inputs
+    from ..inference.torch_runtime import TorchRuntime
     from ..model.options import absolute_options
     from ..model.prompts import GENERIC_OBJECT
     from .common import detector_from_args, refuse_existing

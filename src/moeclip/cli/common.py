@@ -22,7 +22,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import MoECLIPError
 from ..model.domain import Domain
@@ -131,6 +131,41 @@ def detector_from_args(args: argparse.Namespace, **detector_kwargs):
     model = load_model_from_args(args)
     return Detector(model, device=getattr(args, "device", "auto"), precision=getattr(args, "precision", "fp32"),
                     **detector_kwargs)
+
+
+# ---------------------------------------------------------------------------- export (every format)
+def add_source_args(o: argparse.ArgumentParser, metavar: str, help: Optional[str] = None) -> None:
+    """``--out``, then what is exported: ``--object``, ``--domain``, ``--deploy`` (every export format)."""
+    o.add_argument("--out", required=True, metavar=metavar, help=help)
+    o.add_argument("--object", help="object description (default: the deployment's, else 'object')")
+    add_domain_arg(o, "default: the deployment's, else industrial")
+    o.add_argument("--deploy", metavar="FILE", help="deployment file to embed (and its checkpoint and object)")
+
+
+def add_check_args(o: argparse.ArgumentParser, engine: str, out_kind: str) -> None:
+    """``--no-check``, ``--overwrite`` and the model flags (every export format)."""
+    o.add_argument("--no-check", action="store_true", help=f"skip the {engine}-vs-PyTorch comparison")
+    o.add_argument("--overwrite", action="store_true", help=f"replace an existing --out {out_kind}")
+    add_model_args(o, checkpoint_required=False)
+
+
+def export_source(args: argparse.Namespace) -> Tuple[Any, Any, Optional[str]]:
+    """The fp32 CPU detector to export, the deployment to embed (or None) and the checkpoint to record."""
+    from ..inference.deploy import Deployment
+    from ..inference.detector import Detector
+
+    dep = Deployment.load(args.deploy) if args.deploy else None
+    if dep is not None:
+        if args.object and args.object.strip() != dep.object:
+            raise MoECLIPError(f"the deployment was calibrated for {dep.object!r}, not {args.object!r}")
+        detector = Detector.from_deployment(dep, checkpoint=args.checkpoint, options=model_options(args),
+                                            device="cpu", domain=args.domain)
+        return detector, dep, args.checkpoint or dep.checkpoint
+    if not args.checkpoint:
+        raise MoECLIPError("--checkpoint is required (or --deploy FILE)")
+    detector = Detector(load_model_from_args(args), device="cpu", domain=args.domain or "industrial",
+                        object=args.object)
+    return detector, None, str(Path(args.checkpoint).resolve())
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:

@@ -32,11 +32,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..analysis.overlay import save_triptych
     from ..engine.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=Path(args.out), clip_model=args.clip_model, clip_weights=args.clip_weights,
                         image_size=args.image_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         train_per_category=args.train_per_category, heldout_per_category=args.heldout_per_category,
                         seed=args.seed, shots=args.shots, defect_scale=args.defect_scale, device=args.device,
-                        overwrite=args.overwrite))
+                        overwrite=args.overwrite), draw=save_triptych)
     return 0

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Optional, Tuple
 
 from ..errors import MoECLIPError
-from .common import add_domain_arg, add_model_args, model_options, refuse_existing
+from . import openvino
+from .common import add_check_args, add_source_args, export_source, refuse_existing
 
 
 def register(subparsers) -> None:
@@ -31,45 +31,7 @@ def register(subparsers) -> None:
                    help="also output the experts chosen in every MoE layer (routing.<i>)")
     add_check_args(o, "onnxruntime", "file")
     o.set_defaults(func=run_onnx)
-    from . import openvino
-
     openvino.register_export(sub)
-
-
-def add_source_args(o: argparse.ArgumentParser, metavar: str, help: Optional[str] = None) -> None:
-    """``--out``, then what is exported: ``--object``, ``--domain``, ``--deploy`` (every export format)."""
-    o.add_argument("--out", required=True, metavar=metavar, help=help)
-    o.add_argument("--object", help="object description (default: the deployment's, else 'object')")
-    add_domain_arg(o, "default: the deployment's, else industrial")
-    o.add_argument("--deploy", metavar="FILE", help="deployment file to embed (and its checkpoint and object)")
-
-
-def add_check_args(o: argparse.ArgumentParser, engine: str, out_kind: str) -> None:
-    """``--no-check``, ``--overwrite`` and the model flags (every export format)."""
-    o.add_argument("--no-check", action="store_true", help=f"skip the {engine}-vs-PyTorch comparison")
-    o.add_argument("--overwrite", action="store_true", help=f"replace an existing --out {out_kind}")
-    add_model_args(o, checkpoint_required=False)
-
-
-def export_source(args: argparse.Namespace) -> Tuple[Any, Any, Optional[str]]:
-    """The fp32 CPU detector to export, the deployment to embed (or None) and the checkpoint to record."""
-    from ..inference.deploy import Deployment
-
-    dep = Deployment.load(args.deploy) if args.deploy else None
-    if dep is not None:
-        if args.object and args.object.strip() != dep.object:
-            raise MoECLIPError(f"the deployment was calibrated for {dep.object!r}, not {args.object!r}")
-        detector = dep.detector(checkpoint=args.checkpoint, options=model_options(args), device="cpu",
-                                domain=args.domain)
-        return detector, dep, args.checkpoint or dep.checkpoint
-    if not args.checkpoint:
-        raise MoECLIPError("--checkpoint is required (or --deploy FILE)")
-    from ..inference.detector import Detector
-    from .common import load_model_from_args
-
-    detector = Detector(load_model_from_args(args), device="cpu", domain=args.domain or "industrial",
-                        object=args.object)
-    return detector, None, str(Path(args.checkpoint).resolve())
 
 
 def run_onnx(args: argparse.Namespace) -> int:

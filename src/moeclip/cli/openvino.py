@@ -12,8 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import MoECLIPError
-from .common import refuse_existing
-from .export import add_check_args, add_source_args, export_source
+from .common import add_check_args, add_source_args, export_source, refuse_existing
 
 
 def register_export(sub) -> None:

@@ -102,8 +102,9 @@ def reference_pairs(args: argparse.Namespace):
 
 
 def runtime_spec(args: argparse.Namespace):
-    """The pipeline's :class:`~moeclip.inference.pipeline.RuntimeSpec` from the parsed flags."""
-    from ..inference.pipeline import ObjectRules, RuntimeSpec  # lazily: `moeclip --help` stays fast
+    """The :class:`~moeclip.inference.build.RuntimeSpec` from the parsed flags."""
+    from ..inference.build import RuntimeSpec  # lazily: `moeclip --help` stays fast
+    from ..inference.pipeline import ObjectRules
 
     plain, rules = ObjectRules.split(args.object)
     return RuntimeSpec(checkpoint=args.checkpoint, model_options=model_options(args), deploy=args.deploy,

@@ -53,9 +53,11 @@ def build_app(args: argparse.Namespace):
 
     dep = Deployment.load(args.deploy) if args.deploy else None
     if dep is not None:
-        detector = dep.detector(checkpoint=args.checkpoint, options=model_options(args), device=args.device,
-                                precision=args.precision, object=args.object, domain=args.domain,
-                                threshold=args.threshold)
+        from ..inference.detector import Detector
+
+        detector = Detector.from_deployment(dep, checkpoint=args.checkpoint, options=model_options(args),
+                                            device=args.device, precision=args.precision, object=args.object,
+                                            domain=args.domain, threshold=args.threshold)
     elif args.checkpoint:
         from .common import detector_from_args
 

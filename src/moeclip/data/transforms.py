@@ -30,7 +30,7 @@ from PIL import Image
 from .._imports import light_torchvision
 from .imageio import resize_mask, to_pil_rgb
 
-light_torchvision()  # transforms only: not torchvision.models/ops (torch._dynamo)
+light_torchvision()  # in the moeclip command: transforms only, not torchvision.models/ops (torch._dynamo)
 import torchvision.transforms.functional as TF  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from ..errors import MoECLIPError
 from ..fileio import atomic_write_text
@@ -56,7 +56,13 @@ class DemoConfig:
     reference_pool: int = 8  # extra normals generated per held-out category, the shots are drawn from them
 
 
-def run_demo(cfg: DemoConfig, say=print) -> Dict:
+def run_demo(cfg: DemoConfig, say=print, draw: Optional[Callable[..., None]] = None) -> Dict:
+    """Run the demo into ``cfg.out``; returns the results document (also written as demo_results.json).
+
+    ``draw(image_path, anomaly_map, mask, out_path)`` writes one picture of a held-out image into
+    ``out/overlays`` (``moeclip demo`` passes :func:`moeclip.analysis.overlay.save_triptych`; the
+    engine sits below ``analysis`` and does not import it); None writes no pictures.
+    """
     import torch
 
     from ..precision import resolve_device
@@ -94,7 +100,7 @@ def run_demo(cfg: DemoConfig, say=print) -> Dict:
     say("[5/6] zero-shot evaluation after training")
     after = evaluate("after training")
     few, refs = _few_shot(cfg, model, held_src, device, say)
-    doc = _write_outputs(cfg, model, out, before, after, steps, train_seconds)
+    doc = _write_outputs(cfg, model, out, before, after, steps, train_seconds, draw)
     if few is not None:
         doc["few_shot"] = {**{k: few.average.get(k) for k in SUMMARY_KEYS}, "shots": cfg.shots, "seed": 0,
                            "references": {g: [str(p) for p in ps] for g, ps in refs.items()}}
@@ -185,9 +191,9 @@ def _few_shot(cfg: DemoConfig, model, held_src, device, say):
     return res, chosen
 
 
-def _write_outputs(cfg: DemoConfig, model, out: Path, before, after, steps: int, train_seconds: float) -> Dict:
-    """Checkpoint, overlays of the held-out images (anomalous first) and the results document."""
-    from ..analysis.overlay import save_triptych
+def _write_outputs(cfg: DemoConfig, model, out: Path, before, after, steps: int, train_seconds: float,
+                   draw: Optional[Callable[..., None]]) -> Dict:
+    """Checkpoint, pictures of the held-out images (anomalous first) and the results document."""
     from ..data.synth import DEFAULT_HELDOUT_CATEGORIES, DEFAULT_TRAIN_CATEGORIES
     from ..model.checkpoint import save_checkpoint
 
@@ -195,10 +201,10 @@ def _write_outputs(cfg: DemoConfig, model, out: Path, before, after, steps: int,
                            meta={"demo": True, "description": SHARED_DESCRIPTION, "steps": cfg.steps})
     overlays = out / "overlays"
     overlays.mkdir(exist_ok=True)
-    for group, o in after.outputs.items():
+    for group, o in after.outputs.items() if draw is not None else ():
         for i in range(min(4, len(o.paths))):
             idx = int(o.labels.argsort()[::-1][i])  # anomalous images first
-            save_triptych(o.paths[idx], o.maps[idx], o.masks[idx], overlays / f"{group}_{i}.png")
+            draw(o.paths[idx], o.maps[idx], o.masks[idx], overlays / f"{group}_{i}.png")
 
     def summary(res):
         return {k: res.average.get(k) for k in SUMMARY_KEYS}

@@ -1,8 +1,9 @@
-"""Inference: raw model outputs -> what users see.
+"""Inference: raw model outputs -> what users see. Modules, each importing only those before it:
 
 postprocess (numpy only: scales, the image-score rule, normalisation, thresholds, masks,
-resizing), pipeline (inputs -> decode -> runtime -> post-process -> results; ``predict``,
-``serve`` and :class:`~moeclip.inference.detector.Detector` call it), render (heat maps,
-overlays, PNGs), detector (the PyTorch runtime and Python API), deploy (deployment files), onnx
-(export and torch-free runtime), serve (the web service).
+resizing), render (heat maps, overlays, PNGs), deploy (the deployment file);
+pipeline (inputs -> decode -> ``Runtime`` -> post-process -> results; imports no runtime);
+the runtimes: torch_runtime, references (few-shot), exported, onnx, openvino;
+detector (the Python API over the PyTorch runtimes); build (``RuntimeSpec``: a runtime from a
+checkpoint, deployment, ONNX model or OpenVINO IR); calibrate and serve (callers).
 """

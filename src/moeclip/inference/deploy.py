@@ -18,8 +18,10 @@ made from a saved map without the model. ``threshold`` is on the final score in 
 the ``normalization`` defines.
 
 Only the file lives here: what it means for a score is :mod:`moeclip.inference.postprocess`
-(:meth:`Deployment.post_processor`). This module imports neither torch nor the model at import
-time, so the ONNX runtime path (``predict --onnx``) reads deployments without PyTorch.
+(:meth:`Deployment.post_processor`); the model it names is loaded by
+:meth:`Detector.from_deployment <moeclip.inference.detector.Detector.from_deployment>` (above this
+module). This module imports neither torch nor the model, so the ONNX runtime path
+(``predict --onnx``) reads deployments without PyTorch.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from typing import Any, Dict, Optional
 
 from .. import __version__
 from ..errors import MoECLIPError
+from ..fileio import atomic_write_text
 from ..model.domain import Domain
 from ..model.prompts import GENERIC_OBJECT
 from .postprocess import NORMALIZATION_FIELDS, Normalization, PostProcessor
@@ -85,8 +88,6 @@ class Deployment:
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write atomically; refuses to replace an existing file unless ``overwrite``."""
-        from ..fileio import atomic_write_text
-
         path = Path(path)
         if path.exists() and not overwrite:
             raise MoECLIPError(f"{path} already exists (use --overwrite to replace it)")
@@ -146,36 +147,3 @@ class Deployment:
         return PostProcessor(num_maps, domain or self.domain, self.normalizer(),
                              self.threshold if threshold is None else threshold,
                              self.pixel_threshold if pixel_threshold is None else pixel_threshold)
-
-    def detector(self, checkpoint: Optional[str] = None, options: Optional[Dict[str, Any]] = None,
-                 device: str = "auto", precision: str = "fp32", **overrides):
-        """A :class:`~moeclip.inference.detector.Detector` configured with this deployment.
-
-        ``checkpoint``/``options`` replace the stored ones (e.g. the same model moved elsewhere);
-        ``overrides`` replace Detector settings (``object``, ``domain``, ``threshold``,
-        ``pixel_threshold``); ``None`` keeps the deployment's.
-        """
-        from ..model.options import build_model
-        from .detector import Detector
-
-        model = build_model(checkpoint or self.checkpoint, {**self.model_options, **(options or {})})
-        kwargs = dict(domain=self.domain, normalization=self.normalizer(), threshold=self.threshold,
-                      pixel_threshold=self.pixel_threshold, object=self.object)
-        kwargs.update({k: v for k, v in overrides.items() if v is not None})
-        det = Detector(model, device=device, precision=precision, **kwargs)
-        if self.references:  # calibrated few-shot: the normalisation was measured on the fused scale
-            from .references import ReferenceBanks
-
-            det.references = ReferenceBanks.load(self.references, model=model, weight=self.reference_weight)
-        return det
-
-
-def load_deployment_detector(path: str | Path, **kwargs):
-    """``Deployment.load(path).detector(**kwargs)``: a ready-to-use Detector with decisions."""
-    return Deployment.load(path).detector(**kwargs)
-
-
-def __getattr__(name):
-    from .._compat import moved_attribute
-
-    return moved_attribute(__name__, name)

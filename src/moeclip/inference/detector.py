@@ -5,9 +5,12 @@
 >>> result.score, result.anomaly_map.shape
 
 A thin caller of the pipeline (:mod:`moeclip.inference.pipeline`): the model runs in a
-:class:`~moeclip.inference.pipeline.TorchRuntime`, scores and maps come from its
+:class:`~moeclip.inference.torch_runtime.TorchRuntime` (or, with reference images, a
+:class:`~moeclip.inference.references.FewShotRuntime`), scores and maps come from its
 :class:`~moeclip.inference.postprocess.PostProcessor`, as in ``predict`` and ``serve``.
 Paths and PIL images are read in the orientation a viewer shows them (EXIF applied).
+Above those runtimes and the deployment file (:mod:`moeclip.inference.deploy`), which it turns
+into a configured detector (:meth:`Detector.from_deployment`).
 """
 from __future__ import annotations
 
@@ -17,13 +20,18 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..model.checkpoint import load_model
 from ..model.domain import Domain
+from ..model.options import build_model
 from ..model.prompts import GENERIC_OBJECT
 from ..precision import autocast, check_precision, resolve_device
-from .pipeline import ImageLike, Prediction, TorchRuntime, decode, score_images
+from .deploy import Deployment
+from .pipeline import ImageLike, Prediction, decode, score_images
 from .postprocess import Normalization, PostProcessor, image_score
+from .references import FewShotRuntime, ReferenceBanks, attach_references
+from .torch_runtime import TorchRuntime
 
-__all__ = ["Detector", "Prediction", "Normalization"]
+__all__ = ["Detector", "Prediction", "Normalization", "load_deployment_detector"]
 
 
 class Detector:
@@ -49,10 +57,28 @@ class Detector:
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: str = "auto", precision: str = "fp32",
                         backbone_overrides: Optional[Dict[str, Any]] = None, adapter=None, **kwargs) -> "Detector":
-        from ..model.checkpoint import load_model
-
         model = load_model(path, backbone_overrides=backbone_overrides, adapter=adapter)
         return cls(model, device=device, precision=precision, **kwargs)
+
+    @classmethod
+    def from_deployment(cls, deployment: Union[Deployment, str, Path], checkpoint: Optional[str] = None,
+                        options: Optional[Dict[str, Any]] = None, device: str = "auto", precision: str = "fp32",
+                        **overrides) -> "Detector":
+        """A detector configured with a deployment (a :class:`Deployment` or its file).
+
+        ``checkpoint``/``options`` replace the stored ones (e.g. the same model moved elsewhere);
+        ``overrides`` replace Detector settings (``object``, ``domain``, ``threshold``,
+        ``pixel_threshold``); ``None`` keeps the deployment's.
+        """
+        dep = deployment if isinstance(deployment, Deployment) else Deployment.load(deployment)
+        model = build_model(checkpoint or dep.checkpoint, {**dep.model_options, **(options or {})})
+        kwargs = dict(domain=dep.domain, normalization=dep.normalizer(), threshold=dep.threshold,
+                      pixel_threshold=dep.pixel_threshold, object=dep.object)
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        det = cls(model, device=device, precision=precision, **kwargs)
+        if dep.references:  # calibrated few-shot: the normalisation was measured on the fused scale
+            det.references = ReferenceBanks.load(dep.references, model=model, weight=dep.reference_weight)
+        return det
 
     @property
     def num_maps(self) -> int:
@@ -66,8 +92,6 @@ class Detector:
     def runtime(self):
         """The pipeline runtime: few-shot when reference banks are attached (:meth:`with_references`)."""
         if self.references:
-            from .references import FewShotRuntime
-
             return FewShotRuntime(self, self.references)
         return TorchRuntime(self)
 
@@ -79,8 +103,6 @@ class Detector:
         carry the fused map and score (``extra`` holds ``references`` and the zero-shot and
         few-shot parts); see :mod:`moeclip.model.fewshot` and :mod:`moeclip.model.fusion`.
         """
-        from .references import attach_references
-
         attach_references(self, images, object, bank_size=bank_size, fp16=fp16, weight=weight,
                           batch_size=batch_size)
         return self
@@ -122,7 +144,7 @@ class Detector:
         return results
 
 
-def __getattr__(name):
-    from .._compat import moved_attribute
 
-    return moved_attribute(__name__, name)
+def load_deployment_detector(path: Union[str, Path], **kwargs) -> Detector:
+    """``Detector.from_deployment(path, **kwargs)``: a ready-to-use Detector with decisions."""
+    return Detector.from_deployment(path, **kwargs)

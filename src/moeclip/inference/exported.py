@@ -1,5 +1,6 @@
 """What the runtimes of exported models (ONNX, OpenVINO) share: numpy preprocessing, metadata,
-deployment, post-processing, ``raw`` and ``predict``, and the checks of ``predict --onnx/--openvino``.
+deployment, post-processing, ``raw`` (the pipeline's :class:`~moeclip.inference.pipeline.Runtime`)
+and ``predict``.
 
 numpy + PIL only: importing this module imports neither torch nor any inference engine.
 """
@@ -14,7 +15,7 @@ from PIL import Image
 
 from ..errors import MoECLIPError
 from .deploy import Deployment
-from .pipeline import Built, Prediction, score_images
+from .pipeline import Prediction, Runtime, score_images
 from .postprocess import PostProcessor
 
 # CLIP normalisation (as moeclip.data.transforms, repeated here to stay torch-free)
@@ -36,7 +37,7 @@ def preprocess(image: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
-class ExportedRuntime:
+class ExportedRuntime(Runtime):
     """Base of the pipeline runtimes of exported models; a subclass loads the model and defines ``run``.
 
     Object, domain, image size and number of maps come from the model's metadata;
@@ -103,14 +104,3 @@ class ExportedDetector:
                 results.append(Prediction.from_scored(scored, self.object, self.domain))
         return results
 
-
-def built_exported(spec, rt: ExportedRuntime, flag: str, path, source: str) -> Built:
-    """``RuntimeSpec.build`` for an exported model ``rt``: the object and domain are the export's."""
-    if spec.object_rules:
-        raise MoECLIPError(f"{flag}: the object is fixed by the export; --class-map and KEY=DESC rules do not apply")
-    if spec.object and spec.object.strip() != rt.object:
-        raise MoECLIPError(f"{flag}: {path} was exported for {rt.object!r}, not {spec.object!r}; "
-                           "export again for another object")
-    if spec.domain and spec.domain != rt.domain:
-        raise MoECLIPError(f"{flag}: {path} was exported for the {rt.domain} domain")
-    return Built(rt, rt.post_processor(spec.threshold, spec.pixel_threshold), rt.object, source)

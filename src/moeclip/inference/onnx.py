@@ -28,6 +28,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import MoECLIPError
+from ..fileio import atomic_write
+from ..model.prompts import GENERIC_OBJECT
 from .deploy import Deployment
 from .exported import CLIP_MEAN, CLIP_STD, ExportedDetector, ExportedRuntime, preprocess  # noqa: F401 (API)
 
@@ -174,8 +176,6 @@ def export_onnx(detector, path: str | Path, object: Optional[str] = None, domain
         import onnx
     except ImportError:
         raise MoECLIPError("ONNX export needs the onnx package: pip install 'moeclip[onnx]'") from None
-    from ..model.prompts import GENERIC_OBJECT
-
     dep = deployment
     path = Path(path)
     obj = object or (dep.object if dep else None) or detector.object or GENERIC_OBJECT
@@ -184,8 +184,6 @@ def export_onnx(detector, path: str | Path, object: Optional[str] = None, domain
         import logging
 
         logging.getLogger(__name__).warning("exporting for %r with a deployment calibrated for %r", obj, dep.object)
-    from ..fileio import atomic_write
-
     model = detector.model
     device = next(model.parameters()).device
     size = int(detector.image_size)

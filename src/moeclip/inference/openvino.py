@@ -27,8 +27,9 @@ import numpy as np
 
 from ..errors import MoECLIPError
 from .deploy import Deployment
-from .exported import CLIP_MEAN, CLIP_STD, ExportedDetector, ExportedRuntime, built_exported
-from .pipeline import Built
+from .exported import CLIP_MEAN, CLIP_STD, ExportedDetector, ExportedRuntime
+from .onnx import export_onnx
+from .onnx import read_metadata as read_onnx_metadata
 
 RT_SECTION = "moeclip"
 MODEL_FILE = "model.xml"
@@ -56,8 +57,6 @@ def export_openvino(detector, out_dir: str | Path, object: Optional[str] = None,
     and the export options are then unused). The folder is assembled next to ``out_dir`` and
     moved into place at the end, so an interrupted export leaves no half-written model.
     """
-    from .onnx import export_onnx, read_metadata
-
     ov = _openvino()
     out = Path(out_dir)
     if out.exists() and not (overwrite and out.is_dir()):
@@ -69,7 +68,7 @@ def export_openvino(detector, out_dir: str | Path, object: Optional[str] = None,
         if temporary:
             onnx_path = export_onnx(detector, work / "model.onnx", object=object, domain=domain,
                                     deployment=deployment, exporter=exporter, checkpoint=checkpoint)
-        meta = read_metadata(onnx_path)
+        meta = read_onnx_metadata(onnx_path)
         model = ov.convert_model(str(onnx_path))
         if temporary:
             Path(onnx_path).unlink()
@@ -184,17 +183,3 @@ class OpenVINODetector(ExportedDetector, OpenVINORuntime):
         OpenVINORuntime.__init__(self, path, deployment, **runtime_options)
         self._set_post(threshold, pixel_threshold)
 
-
-def build(spec, deployment: Optional[Deployment]) -> Built:
-    """``RuntimeSpec.build`` for ``spec.openvino`` (the checks of ``predict --onnx``, for an IR)."""
-    if spec.checkpoint or spec.onnx:
-        raise MoECLIPError("--openvino runs the exported model; drop --checkpoint/--onnx")
-    if spec.model_options:
-        raise MoECLIPError(f"--openvino: model flags {sorted(spec.model_options)} do not apply to an exported model")
-    if spec.device not in ("auto", "cpu"):
-        raise MoECLIPError("--openvino runs on OpenVINO's CPU device; drop --device")
-    # --precision bf16/fp16: OpenVINO computes the IR in that precision where the CPU has it (AMX,
-    # AVX-512 bf16/fp16); fp32 (the default) gives PyTorch's fp32 maps
-    hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[spec.precision]
-    rt = OpenVINORuntime(spec.openvino, deployment=deployment, inference_precision=hint)
-    return built_exported(spec, rt, "--openvino", spec.openvino, "openvino")

@@ -5,16 +5,17 @@
     inputs (files, folders, globs, PIL images, arrays, uploads)      expand_inputs / Job
       -> decode (8-bit RGB, EXIF orientation applied)                decode
       -> batches of one object                                       batches
-      -> runtime: raw maps at model resolution + raw image scores    Runtime.raw (TorchRuntime, OnnxRuntime, ...)
+      -> runtime: raw maps at model resolution + raw image scores    Runtime.raw (a protocol)
       -> post-processing: score, decision, map at the image's size   PostProcessor (postprocess.py)
       -> result records and files                                    result_record / ResultWriter
     run() is the loop of ``moeclip predict``; score_images() one batch of it (serve, Detector, Ray).
 
-``moeclip predict``, ``moeclip serve``, :meth:`Detector.predict <moeclip.inference.detector.Detector.predict>`
-and the integrations are thin callers. A new runtime (e.g. OpenVINO) implements :class:`Runtime`;
-a new scoring mode either changes what ``raw`` returns (maps and scores on the same raw scale)
-or post-processes differently (a :class:`~moeclip.inference.postprocess.PostProcessor`
-subclass). :class:`RuntimeSpec` says how to build both, picklable for worker processes.
+The base of :mod:`moeclip.inference`: it imports no runtime. Each runtime imports this module and
+implements :class:`Runtime` (``torch_runtime.TorchRuntime``, ``references.FewShotRuntime``,
+``onnx.OnnxRuntime``, ``openvino.OpenVINORuntime``); :mod:`moeclip.inference.build` (above them
+all) builds one from a :class:`~moeclip.inference.build.RuntimeSpec`. A new scoring mode either
+changes what ``raw`` returns (maps and scores on the same raw scale) or post-processes
+differently (a :class:`~moeclip.inference.postprocess.PostProcessor` subclass).
 
 Output folder of :class:`ResultWriter`::
 
@@ -37,20 +38,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..data.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image_bytes, load_image, to_pil_rgb
+from ..data.registry import load_descriptions
 from ..errors import MoECLIPError
+from ..fileio import atomic_open
 from ..model.prompts import GENERIC_OBJECT
 from .postprocess import PostProcessor, Scored
+from .render import mask_image, overlay, save_png
 
 log = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_EXTENSIONS", "RESULTS_FILE", "Job", "expand_inputs", "ObjectRules", "decode", "Prediction",
-           "Runtime", "TorchRuntime", "RuntimeSpec", "Built", "score_images", "result_record", "ResultWriter",
-           "batches", "run", "Summary"]
+           "Runtime", "score_images", "result_record", "ResultWriter", "batches", "run", "Summary"]
 
 RESULTS_FILE = "results.jsonl"
 OUTPUT_DIRS = ("maps", "overlays", "masks")
@@ -180,8 +183,6 @@ class ObjectRules:
                   fallback: Optional[str] = None, fallback_source: str = "deploy") -> "ObjectRules":
         default, rules = cls.split(objects)
         if class_map:
-            from ..data.registry import load_descriptions
-
             rules.extend(load_descriptions(class_map).items())
         if default is None and fallback:
             return cls(fallback, rules, fallback_source)
@@ -263,121 +264,6 @@ class Runtime(Protocol):
         ``extras`` (optional third item): a dict of per-image arrays (B, ...) that reach
         :attr:`Scored.extra <moeclip.inference.postprocess.Scored.extra>` unchanged.
         """
-
-
-class TorchRuntime:
-    """The PyTorch model behind a :class:`~moeclip.inference.detector.Detector` (device, precision)."""
-
-    def __init__(self, detector):
-        self.detector = detector
-        self.num_maps = detector.num_maps
-        self.image_size = int(detector.image_size)
-
-    def raw(self, images, object: str, domain: str) -> Tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        from ..data.transforms import preprocess_image
-
-        batch = torch.stack([preprocess_image(img, self.image_size) for img in images])
-        out = self.detector.predict_tensors(batch, object, domain)
-        return out["anomaly_map"].cpu().numpy(), out["image_score"].cpu().numpy()
-
-    def clear_cache(self) -> None:
-        """Forget cached text features (a service bounds its memory with this)."""
-        self.detector.model.text.clear_cache()
-
-
-class Built(NamedTuple):
-    runtime: Runtime
-    post: PostProcessor
-    default_object: Optional[str]   # the deployment's or export's object, if any
-    object_source: str              # what the default is called in results: deploy / onnx / flag
-
-
-@dataclass
-class RuntimeSpec:
-    """How to build a runtime and its post-processor; small and picklable (worker processes).
-
-    One of ``onnx`` (an exported model), ``deploy`` (a deployment file, which names its
-    checkpoint) or ``checkpoint`` (+ ``model_options``, see :mod:`moeclip.model.options`).
-    ``threshold``/``pixel_threshold``/``domain`` override the deployment's or export's.
-    ``object``: the plain description asked for (checked against an export's);
-    ``object_rules``: per-file rules were asked for (an export has one object only).
-    """
-
-    checkpoint: Optional[str] = None
-    model_options: Dict[str, Any] = field(default_factory=dict)
-    deploy: Optional[str] = None
-    onnx: Optional[str] = None
-    device: str = "auto"
-    precision: str = "fp32"
-    threshold: Optional[float] = None
-    pixel_threshold: Optional[float] = None
-    domain: Optional[str] = None
-    object: Optional[str] = None
-    object_rules: bool = False
-    openvino: Optional[str] = None  # an exported OpenVINO IR (moeclip.inference.openvino)
-    # few-shot: (object description or "" for every object, reference images spec) pairs
-    references: Tuple[Tuple[str, str], ...] = ()
-    reference_weight: float = 0.5
-    bank_size: Optional[int] = None
-    bank_fp16: bool = False
-
-    def build(self) -> Built:
-        from .deploy import Deployment
-
-        dep = Deployment.load(self.deploy) if self.deploy else None
-        if self.openvino:
-            from . import openvino
-
-            if self.references:
-                raise MoECLIPError("--openvino: few-shot references are not supported by the exported model; "
-                                   "use --checkpoint with --reference")
-
-            return openvino.build(self, dep)
-        if self.onnx:
-            return self._build_onnx(dep)
-        from .detector import Detector
-
-        if dep is not None:
-            if self.object and self.object != dep.object and (self.threshold is None or dep.normalization is not None):
-                print(f"warning: {self.deploy} was calibrated for {dep.object!r}; its threshold and "
-                      f"normalisation may not suit {self.object!r}", file=sys.stderr)
-            det = dep.detector(checkpoint=self.checkpoint, options=self.model_options, device=self.device,
-                               precision=self.precision, threshold=self.threshold, domain=self.domain,
-                               pixel_threshold=self.pixel_threshold)
-            self._attach_references(det)
-            return Built(det.runtime(), det.post_processor(), dep.object, "deploy")
-        if not self.checkpoint:
-            raise MoECLIPError("--checkpoint is required (or --deploy FILE, or --onnx MODEL)")
-        from ..model.options import build_model
-
-        det = Detector(build_model(self.checkpoint, self.model_options), device=self.device,
-                       precision=self.precision, domain=self.domain or "industrial", threshold=self.threshold,
-                       pixel_threshold=self.pixel_threshold)
-        self._attach_references(det)
-        return Built(det.runtime(), det.post_processor(), None, "flag")
-
-    def _attach_references(self, det) -> None:
-        """Few-shot: one memory bank per referenced object (:mod:`moeclip.inference.references`)."""
-        from .references import attach_references
-
-        for obj, spec in self.references:
-            attach_references(det, [spec], obj, bank_size=self.bank_size, fp16=self.bank_fp16,
-                              weight=self.reference_weight)
-
-    def _build_onnx(self, dep) -> Built:
-        from .exported import built_exported
-        from .onnx import OnnxRuntime
-
-        if self.checkpoint:
-            raise MoECLIPError("--onnx runs the exported model; drop --checkpoint")
-        if self.references:
-            raise MoECLIPError("--onnx: few-shot references are not supported by the exported model; "
-                               "use --checkpoint with --reference")
-        if self.model_options:
-            raise MoECLIPError(f"--onnx: model flags {sorted(self.model_options)} do not apply to an exported model")
-        return built_exported(self, OnnxRuntime(self.onnx, deployment=dep), "--onnx", self.onnx, "onnx")
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -487,9 +373,6 @@ class ResultWriter:
 
     def write(self, job: Job, scored: Scored, image, post: PostProcessor) -> Dict[str, Any]:
         """Write the files of one result, then its line (so a line implies its files exist)."""
-        from ..fileio import atomic_open
-        from .render import mask_image, overlay, save_png
-
         name = self.unique_name(job.path)
         rec = result_record(job, scored, image, post, name)
         if self.maps:

@@ -18,9 +18,12 @@ import torch
 from ..data.scanners import IMAGE_EXTENSIONS
 from ..data.transforms import preprocess_image
 from ..errors import MoECLIPError
-from ..model.fewshot import MemoryBank, build_bank
-from ..model.fusion import DEFAULT_REFERENCE_WEIGHT, check_weight
-from .pipeline import decode
+from ..model import scoring
+from ..model.fewshot import MemoryBank, bank_summary, build_bank, predict_with_bank
+from ..model.fusion import DEFAULT_REFERENCE_WEIGHT, check_weight, fused_raw
+from ..precision import autocast
+from .pipeline import Runtime, decode
+from .postprocess import image_score
 
 ImageLike = Union[str, Path, Any]
 
@@ -111,8 +114,6 @@ class ReferenceBanks:
         return None
 
     def summary(self) -> List[Dict[str, Any]]:
-        from ..model.fewshot import bank_summary
-
         return [bank_summary(b) for b in self.banks.values()]
 
     def save(self, folder: Union[str, Path], overwrite: bool = False) -> List[Path]:
@@ -137,7 +138,7 @@ class ReferenceBanks:
         return cls([MemoryBank.load(f, model=model, device=device) for f in files], weight)
 
 
-class FewShotRuntime:
+class FewShotRuntime(Runtime):
     """A detector's model scoring against memory banks: the pipeline's few-shot runtime.
 
     ``raw`` returns the fused map and image score on the zero-shot raw scales
@@ -164,11 +165,6 @@ class FewShotRuntime:
         return self._on_device[key]
 
     def raw(self, images, object: str, domain: str):
-        from ..model.fewshot import predict_with_bank
-        from ..model.fusion import fused_raw
-        from ..precision import autocast
-        from .postprocess import image_score
-
         det = self.detector
         batch = torch.stack([preprocess_image(img, self.image_size) for img in images]).to(det.device)
         bank = self._bank(object)
@@ -212,7 +208,7 @@ def attach_references(detector, images, object: Optional[str] = None, *, bank_si
     return bank
 
 
-class FusedScorer:
+class FusedScorer(Runtime):
     """A pipeline runtime scoring against one fixed bank, for ``moeclip calibrate``.
 
     ``leave_one_out``: the bank was built from the very images being scored; each image is scored
@@ -243,18 +239,14 @@ class FusedScorer:
 
     def raw(self, images, object: str, domain: str):
         """PIL images -> (fused raw maps (B, S, S), scores (B,), extras), as :class:`FewShotRuntime`."""
-        from ..model.fusion import fused_raw
-        from ..model.scoring import anomaly_map, image_score
-        from ..precision import autocast
-
         det = self.detector
         batch = torch.stack([preprocess_image(img, self.image_size) for img in images]).to(det.device)
         with torch.inference_mode(), autocast(det.device, det.precision):
             out = det.model.encode_image(batch, compute_losses=False)
             text = det.text_features(object).to(out.det_feature.dtype)
             size = tuple(batch.shape[-2:])
-            zs = anomaly_map(out.seg_features, text, out.grid, size, domain).float().cpu().numpy()
-            s = image_score(out.det_feature, text).float().cpu().numpy()
+            zs = scoring.anomaly_map(out.seg_features, text, out.grid, size, domain).float().cpu().numpy()
+            s = scoring.image_score(out.det_feature, text).float().cpu().numpy()
             feats = [f.float() for f in out.seg_features]
             few = []
             for b in range(batch.shape[0]):

@@ -18,6 +18,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from ..fileio import atomic_open
+
 #: The colormap of heat maps and overlays.
 COLORMAP = "jet"
 
@@ -71,7 +73,5 @@ def data_url(image: Image.Image) -> str:
 
 def save_png(image: Image.Image, path: str | Path) -> None:
     """Write a PNG atomically: a crash never leaves a half-written picture."""
-    from ..fileio import atomic_open
-
     with atomic_open(path, "wb") as fh:
         image.save(fh, format="PNG")

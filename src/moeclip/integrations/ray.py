@@ -37,13 +37,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import MoECLIPError
+from ..inference.build import RuntimeSpec
 from ..inference.pipeline import (
     IMAGE_EXTENSIONS,
     RESULTS_FILE,
     Job,
     ObjectRules,
     ResultWriter,
-    RuntimeSpec,
     Summary,
     batches,
     decode,

@@ -6,7 +6,7 @@ config (hyper-parameters), checkpoint (ours and official), moeclip (the :class:`
 """
 _EXPORTS = {
     "MoECLIP": "moeclip", "AdapterConfig": "config", "BackboneConfig": "config", "ModelConfig": "config",
-    "load_model": "checkpoint", "save_checkpoint": "checkpoint", "Domain": "scoring",
+    "load_model": "checkpoint", "save_checkpoint": "checkpoint", "Domain": "domain",
 }
 __all__ = list(_EXPORTS)
 

@@ -111,9 +111,3 @@ def _bilinear_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.d
         if n_in > 1:
             m[torch.arange(n_out), lo + 1] += w
         return m.to(device=device, dtype=dtype)
-
-
-def __getattr__(name):
-    from .._compat import moved_attribute
-
-    return moved_attribute(__name__, name)

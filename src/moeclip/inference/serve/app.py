@@ -254,7 +254,7 @@ def create_app(detector, deployment: Optional[Deployment] = None, *, pixel_thres
                api_key: Optional[str] = None):
     """The app around a loaded :class:`~moeclip.inference.detector.Detector`.
 
-    ``deployment`` (already applied to the detector, e.g. by :meth:`Deployment.detector`) provides
+    ``deployment`` (already applied to the detector, e.g. by :meth:`Detector.from_deployment`) provides
     the pixel threshold for masks unless ``pixel_threshold`` is given. Returned pictures are
     scaled down to ``max_display_side`` pixels; scores are computed at full resolution.
     ``api_key``: require ``Authorization: Bearer <api_key>`` on ``POST /predict``.
