@@ -1,7 +1,10 @@
 """Shared fixtures: the golden fixture of the official code (tests/golden/) and a tiny open_clip config."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,24 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
+
+#: Under CI (``CI=true``) every extra is installed (.ci/run), so a missing one is a broken install, not a skip.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_extra(module: str):
+    """Import an optional extra's module for the tests that need it, and return it.
+
+    Skips only when the package is absent: one that is installed but fails to import raises its own
+    error (pytest.importorskip would hide a broken install as a skip). Under CI every extra is
+    installed, so an absent one fails instead of skipping. Works at module level and inside a test.
+    """
+    top = module.split(".")[0]
+    if importlib.util.find_spec(top) is None:
+        if IN_CI:
+            pytest.fail(f"optional package {top!r} is not installed, but CI=true installs every extra", pytrace=False)
+        pytest.skip(f"optional package {top!r} is not installed", allow_module_level=True)
+    return importlib.import_module(module)
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("anomalib")
-ov = pytest.importorskip("openvino")
+from conftest import require_extra  # noqa: E402
+
+require_extra("anomalib")
+ov = require_extra("openvino")
 
 from anomalib.data import Folder, MVTecAD  # noqa: E402
 from anomalib.deploy import ExportType  # noqa: E402

@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+from conftest import require_extra
+
+ort = require_extra("onnxruntime")
+require_extra("onnx")
 
 from conftest import EXPORT_OBJECT, check_exported_predict, check_predict_without_torch  # noqa: E402
 
@@ -30,7 +32,7 @@ def exported(export_ckpt, export_detector, export_deploy_file, tmp_path_factory)
 @pytest.fixture(scope="module")
 def exported_dynamo(export_detector, tmp_path_factory) -> Path:
     """The dynamo (torch.export) exporter through the API: ~10 s even for the tiny model."""
-    pytest.importorskip("onnxscript")
+    require_extra("onnxscript")
     return export_onnx(export_detector, tmp_path_factory.mktemp("onnx") / "dyn.onnx", object=EXPORT_OBJECT,
                        routing_outputs=True, exporter="dynamo")
 

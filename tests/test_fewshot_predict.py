@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import make_tiny_checkpoint, require_extra
 from PIL import Image
 
 from moeclip.cli import main
@@ -119,8 +119,8 @@ def png_bytes(seed: int) -> bytes:
 
 
 def test_serve_references(ckpt, files):
-    pytest.importorskip("fastapi")
-    pytest.importorskip("multipart")
+    require_extra("fastapi")
+    require_extra("multipart")
     from fastapi.testclient import TestClient
 
     from moeclip.inference.serve import create_app
@@ -198,8 +198,8 @@ def test_calibrate_leave_one_out_then_predict_with_the_deployment(ckpt, files, t
 
 
 def test_onnx_export_bakes_the_bank_in(ckpt, files, tmp_path):
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
+    require_extra("onnx")
+    require_extra("onnxruntime")
     from moeclip.inference.onnx import OnnxRuntime, compare_onnx, read_metadata
 
     dep_path = tmp_path / "deploy.json"

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("openvino")
-pytest.importorskip("onnx")
+from conftest import require_extra
+
+require_extra("openvino")
+require_extra("onnx")
 
 from conftest import EXPORT_OBJECT, check_exported_predict, check_predict_without_torch  # noqa: E402
 

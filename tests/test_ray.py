@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_checkpoint
+from conftest import make_tiny_checkpoint, require_extra
 from PIL import Image
 
 from moeclip.cli import main
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.data")
+ray = require_extra("ray")
+require_extra("ray.data")
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("fastapi")
-pytest.importorskip("multipart")
-from conftest import make_tiny_checkpoint  # noqa: E402
+from conftest import make_tiny_checkpoint, require_extra
+
+require_extra("fastapi")
+require_extra("multipart")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from moeclip.inference.deploy import Deployment  # noqa: E402
@@ -315,7 +316,7 @@ def browser_page():
 @contextlib.contextmanager
 def running(app):
     """``app`` served by uvicorn on a free port in a thread; yields the base URL."""
-    uvicorn = pytest.importorskip("uvicorn")
+    uvicorn = require_extra("uvicorn")
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -327,8 +328,11 @@ def running(app):
         assert server.started, "uvicorn did not start"
         yield f"http://127.0.0.1:{port}/"
     finally:
+        # uvicorn's own shutdown: the loop sees should_exit, closes the socket and returns from run();
+        # the join's bound only keeps a hang from blocking the suite, and a thread still alive fails
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "uvicorn did not shut down"
 
 
 @pytest.mark.parametrize("key", [None, "page-key"])
