@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +34,59 @@ def require_extra(module: str):
             pytest.fail(f"optional package {top!r} is not installed, but CI=true installs every extra", pytrace=False)
         pytest.skip(f"optional package {top!r} is not installed", allow_module_level=True)
     return importlib.import_module(module)
+
+
+#: Relative tolerance for float32 results computed along different paths: another batch composition (Ray
+#: re-running a dead actor's images, batch 2 vs 1), thread or process count, runtime (ONNX, OpenVINO vs
+#: PyTorch). Each rounds differently, and the difference grows with the magnitude of the values (a few ulps
+#: of it: float32's spacing at 21.6 is 1.9e-6), so a fixed abs=1e-6 fails on one CPU and not another.
+#: 1e-5 is ~84 ulps of the magnitude: room for the rounding accumulated through a forward pass, far below
+#: any real defect (a wrong batch row, a missing op: errors of the order of the values themselves).
+F32_RTOL = 1e-5
+#: The worst error/tolerance ratio of each test, printed at the end with MOECLIP_REPORT_TOLERANCES=1.
+_WORST: dict = {}
+
+
+def _as_array(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double()
+    return np.asarray(x, dtype=np.float64)
+
+
+def assert_f32_close(got, want, *, scale: float | None = None, rtol: float = F32_RTOL, what: str = "") -> None:
+    """``got`` within ``rtol`` of ``scale`` of ``want`` (float32 of another path, see :data:`F32_RTOL`).
+
+    ``scale`` is the magnitude the rounding is relative to: by default the largest ``|want|`` (a map's
+    magnitude, a scalar's own); pass 1.0 for scores on [0, 1] (their range), whose value may be near 0.
+    """
+    got, want = _as_array(got), _as_array(want)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    if scale is None:
+        scale = float(np.abs(want).max()) if want.size else 0.0
+    tol = rtol * max(scale, np.finfo(np.float32).tiny)
+    err = float(np.abs(got - want).max()) if want.size else 0.0
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    _WORST[test] = max(_WORST.get(test, 0.0), err / tol)
+    assert err <= tol, f"{what}: max |got - want| = {err:.3g} > {tol:.3g} ({rtol:g} of magnitude {scale:.4g})"
+
+
+def assert_same_metrics(got: dict, want: dict) -> None:
+    """Metrics of one class (counts exact; AUROC, AP, AUPRO, F1 on [0, 1]) of the same images scored along
+    another path (1 vs 2 processes): float32 maps round differently, which can only reorder pixels whose
+    scores are within a few ulps, moving a metric by a few pairs out of millions: F32_RTOL of its range."""
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        if isinstance(v, float):
+            assert_f32_close(got[k], v, scale=1.0, what=k)
+        else:
+            assert got[k] == v, k
+
+
+def pytest_terminal_summary(terminalreporter):
+    if os.environ.get("MOECLIP_REPORT_TOLERANCES") and _WORST:
+        terminalreporter.section("float32 comparisons: worst error / tolerance")
+        for test, ratio in sorted(_WORST.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{ratio:8.3f}  {test}")
 
 
 @pytest.fixture(scope="session")
@@ -161,9 +215,10 @@ def check_exported_predict(flag: str, model: Path, deploy_file: Path, folder: Pa
         ra, rb = a[name], b[name]
         assert ra["object"] == EXPORT_OBJECT and ra["object_source"] == source
         assert set(ra) - {"object_source"} == set(rb) - {"object_source"}
-        np.testing.assert_allclose(np.load(exp_out / ra["map"]), np.load(torch_out / rb["map"]), atol=1e-4, rtol=0)
-        assert ra["raw_score"] == pytest.approx(rb["raw_score"], abs=1e-5)
-        assert ra["score"] == pytest.approx(rb["score"], abs=1e-5)
+        # another runtime's kernels: float32 relative to the map's magnitude, scores on [0, 1]
+        assert_f32_close(np.load(exp_out / ra["map"]), np.load(torch_out / rb["map"]), what=name)
+        assert_f32_close(ra["raw_score"], rb["raw_score"], scale=1.0, what=name)
+        assert_f32_close(ra["score"], rb["score"], scale=1.0, what=name)
         assert ra["decision"] == rb["decision"] and ra["threshold"] == 0.4
         assert (exp_out / ra["overlay"]).is_file() and (exp_out / ra["mask"]).is_file()
 

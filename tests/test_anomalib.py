@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import require_extra  # noqa: E402
+from PIL import Image
 
 require_extra("anomalib")
 ov = require_extra("openvino")

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_f32_close, require_extra
 from PIL import Image
-
-from conftest import require_extra
 
 ort = require_extra("onnxruntime")
 require_extra("onnx")
@@ -53,8 +52,9 @@ def check_equal(runner, detector, batch):
     x = images(batch, seed=batch)
     got = runner.run(x.numpy())
     ref = detector.model.predict(x, EXPORT_OBJECT, "industrial")
-    np.testing.assert_allclose(got["anomaly_map"], ref["anomaly_map"].numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(got["image_score"], ref["image_score"].numpy(), atol=1e-4, rtol=0)
+    # onnxruntime's kernels vs PyTorch's: float32 relative to the maps' magnitude, scores on [0, 1]
+    assert_f32_close(got["anomaly_map"], ref["anomaly_map"])
+    assert_f32_close(got["image_score"], ref["image_score"], scale=1.0)
     routing = ref["vision"].routing
     assert len(routing) == 4
     for i, r in enumerate(routing):
@@ -81,8 +81,9 @@ def test_export_module_equals_predict(export_detector, domain):
     with torch.no_grad():
         amap, score = module(x)
     ref = export_detector.model.predict(x, text, domain)
-    torch.testing.assert_close(amap, ref["anomaly_map"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(score, ref["image_score"], atol=1e-6, rtol=0)
+    # a fixed convolution instead of kornia's blur: float32 of another path, relative to the maps' magnitude
+    assert_f32_close(amap, ref["anomaly_map"])
+    assert_f32_close(score, ref["image_score"], scale=1.0)
 
 
 def test_numpy_preprocess_equals_torchvision():

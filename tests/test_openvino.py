@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from conftest import require_extra
+from conftest import assert_f32_close, require_extra
 
 require_extra("openvino")
 require_extra("onnx")
@@ -46,8 +45,9 @@ def test_fp32_equals_pytorch(exported, export_detector):
         x = images(batch, seed=batch)
         got = runner.run(x.numpy())
         ref = export_detector.model.predict(x, EXPORT_OBJECT, "industrial")
-        np.testing.assert_allclose(got["anomaly_map"], ref["anomaly_map"].numpy(), atol=1e-4, rtol=0)
-        np.testing.assert_allclose(got["image_score"], ref["image_score"].numpy(), atol=1e-5, rtol=0)
+        # OpenVINO's kernels vs PyTorch's: float32 relative to the maps' magnitude, scores on [0, 1]
+        assert_f32_close(got["anomaly_map"], ref["anomaly_map"])
+        assert_f32_close(got["image_score"], ref["image_score"], scale=1.0)
 
 
 def test_fp16_difference_is_measured(exported_fp16, exported, export_detector, capsys):

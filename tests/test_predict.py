@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import assert_f32_close, make_tiny_checkpoint
 from PIL import Image
 
 from moeclip.cli import main
@@ -70,10 +70,11 @@ def test_folder_outputs_match_detector(tiny_ckpt, detector, images, tmp_path):
         assert amap.dtype == np.float32 and amap.shape == (img.height, img.width)
         assert Image.open(out / r["overlay"]).size == img.size
         ref = detector.predict([r["path"]])[0]  # the same model through the Python API
-        np.testing.assert_allclose(amap, ref.anomaly_map, atol=1e-5)
-        assert r["raw_score"] == pytest.approx(ref.raw_score, abs=1e-6)
-        assert r["score"] == pytest.approx(ref.score, abs=1e-6)
-        assert r["map_max"] == pytest.approx(ref.map_max, abs=1e-5)
+        # batches of 2 (CLI) vs 1 (API): float32 of another batch grouping (maps ~20-30, scores on [0, 1])
+        assert_f32_close(amap, ref.anomaly_map, what=r["path"])
+        assert_f32_close(r["raw_score"], ref.raw_score, scale=1.0)
+        assert_f32_close(r["score"], ref.score, scale=1.0)
+        assert_f32_close(r["map_max"], ref.map_max)
     assert not (out / "masks").exists()
 
 
@@ -168,8 +169,9 @@ def test_official_checkpoint_matches_golden(golden_dir, tmp_path):
     args = parser.parse_args(["predict", "x", "--out", "o", "--checkpoint", str(ckpt), *flags])
     model = build_model(ckpt, model_options(args))
     direct = model.predict(inputs["images"], obj, domain="industrial")
-    torch.testing.assert_close(direct["anomaly_map"], expected["anomaly_map.Industrial"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(direct["image_score"], expected["image_score_raw"], atol=1e-5, rtol=0)
+    # the official code's outputs, recorded on another machine: float32 relative to the maps' magnitude
+    assert_f32_close(direct["anomaly_map"], expected["anomaly_map.Industrial"])
+    assert_f32_close(direct["image_score"], expected["image_score_raw"], scale=1.0)
 
     # images -> 8-bit PNGs -> CLI
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
@@ -187,8 +189,9 @@ def test_official_checkpoint_matches_golden(golden_dir, tmp_path):
     assert (reread - inputs["images"]).abs()[inside].max() < 0.01  # 8-bit quantisation (and clipping) only
     ref = model.predict(reread, obj, domain="industrial")
     for i, r in enumerate(rows):
-        np.testing.assert_allclose(np.load(out / r["map"]), ref["anomaly_map"][i].numpy(), atol=1e-5, rtol=0)
-        assert r["raw_score"] == pytest.approx(float(ref["image_score"][i]), abs=1e-6)
+        # the CLI's batches vs one batch of all images: float32 of another batch grouping (maps ~31)
+        assert_f32_close(np.load(out / r["map"]), ref["anomaly_map"][i], what=r["path"])
+        assert_f32_close(r["raw_score"], ref["image_score"][i], scale=1.0)
         assert r["object"] == obj
 
 
@@ -215,8 +218,8 @@ def test_exif_orientation_and_gif(tiny_ckpt, detector, tmp_path):
     assert Image.open(out / phone["overlay"]).size == (40, 70)
     shown = ImageOps.exif_transpose(Image.open(folder / "phone.jpg")).convert("RGB")
     ref = detector.predict([shown])[0]
-    assert phone["score"] == pytest.approx(ref.score, abs=1e-6)
+    assert_f32_close(phone["score"], ref.score, scale=1.0)  # another batch than the folder's
     via_path = detector.predict([str(folder / "phone.jpg")])[0]  # the Python API with a path
-    assert via_path.anomaly_map.shape == (70, 40) and via_path.score == pytest.approx(ref.score, abs=1e-6)
+    assert via_path.anomaly_map.shape == (70, 40) and via_path.score == ref.score  # the same batch: bitwise
     assert (rows["anim.gif"]["width"], rows["anim.gif"]["height"]) == (30, 20)
     assert load_image(folder / "phone.jpg").size == (70, 40)  # datasets: raw pixels, aligned with masks

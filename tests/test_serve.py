@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import make_tiny_checkpoint, require_extra
+from PIL import Image
 
 require_extra("fastapi")
 require_extra("multipart")
