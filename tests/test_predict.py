@@ -118,14 +118,23 @@ def test_class_map_and_key_rules(tiny_ckpt, images, tmp_path):
 
 def test_globs_missing_files_and_threshold(tiny_ckpt, images, tmp_path):
     out = tmp_path / "out"
-    assert main(["predict", "--checkpoint", str(tiny_ckpt), "--device", "cpu", "--threshold", "0.0",
-                 "--precision", "bf16", str(images / "**" / "*.png"), str(tmp_path / "missing.png"),
-                 "--out", str(out)]) == 0
+    args = ["predict", "--checkpoint", str(tiny_ckpt), "--device", "cpu", "--precision", "bf16",
+            str(images / "**" / "*.png"), str(tmp_path / "missing.png"), "--out", str(out)]
+    assert main(args) == 0
     rows = read_results(out)
     assert sum("error" in r for r in rows) == 2  # broken.png and missing.png
     good = [r for r in rows if "error" not in r]
-    assert len(good) == 3 and all(r["decision"] is True and r["threshold"] == 0.0 for r in good)
+    assert len(good) == 3 and all("decision" not in r for r in good)
     assert all(np.isfinite(np.load(out / r["map"])).all() for r in good)
+    # a threshold between the lowest and the middle score (the same run again: bitwise the same scores)
+    low, mid, _ = sorted(r["score"] for r in good)
+    assert low < mid
+    threshold = (low + mid) / 2
+    assert main(args + ["--threshold", str(threshold), "--overwrite"]) == 0
+    again = [r for r in read_results(out) if "error" not in r]
+    assert sorted(r["score"] for r in again) == sorted(r["score"] for r in good)
+    assert all(r["threshold"] == threshold and r["decision"] == (r["score"] >= threshold) for r in again)
+    assert sorted(r["decision"] for r in again) == [False, True, True]
 
 
 def test_needs_a_model(images, tmp_path, capsys):
