@@ -5,6 +5,9 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +83,87 @@ def assert_same_metrics(got: dict, want: dict) -> None:
             assert_f32_close(got[k], v, scale=1.0, what=k)
         else:
             assert got[k] == v, k
+
+
+def _process_table() -> dict:
+    """{pid: (parent pid, start time)} from /proc (Linux); empty elsewhere."""
+    table = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            table[int(d.name)] = (int(fields[1]), fields[19])  # ppid, starttime: a pid reused later differs
+        except (OSError, ValueError, IndexError):
+            continue
+    return table
+
+
+def _descendants(pid: int, table: dict) -> set:
+    children: dict = {}
+    for child, (parent, start) in table.items():
+        children.setdefault(parent, []).append((child, start))
+    found, todo = set(), [pid]
+    while todo:
+        for child, start in children.get(todo.pop(), []):
+            found.add((child, start))
+            todo.append(child)
+    return found
+
+
+def _signal(send, pid: int, sig) -> None:
+    try:
+        send(pid, sig)
+    except ProcessLookupError:  # ended in the meantime
+        pass
+
+
+def run_launchers(cmds: list, cwd: Path, env: dict, timeout: float) -> list:
+    """Run launcher commands (torchrun) side by side and return ``(returncode, output)`` of each.
+
+    Each launcher starts in a process group of its own, its output goes to a file in ``cwd`` (no pipe to
+    fill while another launcher is waited on). torchrun starts every worker in a session of its own, so
+    killing a launcher alone would orphan its workers: the workers seen while it ran are remembered, and
+    on a timeout or any other exit every launcher gets SIGTERM (torchrun then stops its workers), then its
+    group and every remembered worker still alive (same pid and start time) get SIGKILL.
+    """
+    procs, logs = [], []
+    for i, cmd in enumerate(cmds):
+        logs.append(Path(cwd) / f"launcher{i}.log")
+        with open(logs[-1], "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    seen: set = set()
+    try:
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            table = _process_table()
+            for p in procs:
+                seen |= _descendants(p.pid, table)
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired([str(c) for c in cmds], timeout)
+            time.sleep(0.5)
+    finally:
+        running = [p for p in procs if p.poll() is None]
+        for p in running:
+            _signal(os.killpg, p.pid, signal.SIGTERM)
+        for p in running:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                _signal(os.killpg, p.pid, signal.SIGKILL)
+                p.wait()
+        table = _process_table()
+        for pid, start in seen:
+            if table.get(pid, (None, None))[1] == start:
+                _signal(os.kill, pid, signal.SIGKILL)
+    return [(p.returncode, log.read_text()) for p, log in zip(procs, logs)]
+
+
+def torchrun_env(tmp: Path) -> dict:
+    """Environment of a torchrun launcher in a test: one thread per process, and TMPDIR in the test's folder
+    (torchrun's own /tmp/torchelastic_* folders and anything its workers create go there)."""
+    tmpdir = Path(tmp) / "tmp"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TMPDIR=str(tmpdir))
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,23 @@ require_extra("ray.data")
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False)
+def cluster(tmp_path_factory):
+    """A local Ray cluster whose session folder (logs, sockets, spilled objects) lives in the test's temporary
+    folder, not in /tmp/ray. Ray's Unix socket paths ({temp}/session_<date>_<pid>/sockets/plasma_store, ~62
+    characters below the folder) must fit in 107 bytes: a long pytest base folder falls back to a short one."""
+    temp, own = tmp_path_factory.mktemp("ray"), None
+    if len(str(temp)) > 40:
+        temp = own = Path(tempfile.mkdtemp(prefix="moeclip-ray-"))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False,
+             _temp_dir=str(temp))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    yield
-    ray.shutdown()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_same_metrics, train_args
+from conftest import assert_same_metrics, run_launchers, torchrun_env, train_args
 from safetensors.torch import load_file
 
 from moeclip.cli import main
@@ -75,11 +75,12 @@ def test_training_without_masks_is_refused(tmp_path, tiny_clip_config, capsys):
 
 
 def _torchrun(args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moeclip", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    """torchrun with 2 processes; its logs and temporary files inside ``cwd``, every process ended on return."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--log-dir", str(cwd / "elastic"), "-m", "moeclip", *args]
+    [(code, out)] = run_launchers([cmd], cwd, torchrun_env(cwd), timeout=300)
+    assert code == 0, out[-6000:]
+    return out
 
 
 @pytest.fixture(scope="module")
