@@ -158,9 +158,10 @@ def run_launchers(cmds: list, cwd: Path, env: dict, timeout: float) -> list:
     return [(p.returncode, log.read_text()) for p, log in zip(procs, logs)]
 
 
-def torchrun_env(tmp: Path) -> dict:
-    """Environment of a torchrun launcher in a test: one thread per process, and TMPDIR in the test's folder
-    (torchrun's own /tmp/torchelastic_* folders and anything its workers create go there)."""
+def child_env(tmp: Path) -> dict:
+    """Environment of a process a test starts (a torchrun launcher, a CLI run): one thread per process, and
+    TMPDIR in the test's folder (torchrun's /tmp/torchelastic_* folders, multiprocessing's /tmp/pymp-* of a
+    process killed before its clean-up, anything else it creates go there)."""
     tmpdir = Path(tmp) / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TMPDIR=str(tmpdir))

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_metrics, run_launchers, torchrun_env, train_args
+from conftest import assert_same_metrics, child_env, run_launchers, train_args
 
 from moeclip.cli import main
 
@@ -23,7 +23,7 @@ def _free_port() -> int:
 def two_nodes(args, cwd: Path, timeout: int = 300) -> list:
     """Start both "nodes" (launchers) at once and wait for both; each launcher runs one worker process.
     Logs and temporary files stay in ``cwd``; every process (launchers and workers) is ended on return."""
-    env = torchrun_env(cwd)
+    env = child_env(cwd)
     endpoint, run_id = f"127.0.0.1:{_free_port()}", uuid.uuid4().hex[:8]
     cmds = []
     for node in range(2):

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import assert_same_metrics, run_launchers, torchrun_env, train_args
+from conftest import assert_same_metrics, child_env, run_launchers, train_args
 from safetensors.torch import load_file
 
 from moeclip.cli import main
@@ -78,7 +77,7 @@ def _torchrun(args, cwd):
     """torchrun with 2 processes; its logs and temporary files inside ``cwd``, every process ended on return."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "--log-dir", str(cwd / "elastic"), "-m", "moeclip", *args]
-    [(code, out)] = run_launchers([cmd], cwd, torchrun_env(cwd), timeout=300)
+    [(code, out)] = run_launchers([cmd], cwd, child_env(cwd), timeout=300)
     assert code == 0, out[-6000:]
     return out
 
@@ -137,7 +136,7 @@ def test_killed_run_resumes_to_the_same_weights(synth, tiny_clip_config, tmp_pat
     from moeclip.engine.train import KILL_ENV
 
     full, killed = tmp_path / "full", tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # same thread count everywhere: bitwise comparable
+    env = child_env(tmp_path)  # one thread everywhere (bitwise comparable); temporary files in tmp_path
     cli = [sys.executable, "-m", "moeclip"]
     base = train_args(synth, tiny_clip_config, full, "--epochs", "3", "--seed", "5", "--batch-size", "2")
     subprocess.run([*cli, *base], env=env, check=True, capture_output=True)
