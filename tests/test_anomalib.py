@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_f32_close, make_tiny_checkpoint, require_extra
 from PIL import Image
 
-pytest.importorskip("anomalib")
-ov = pytest.importorskip("openvino")
+require_extra("anomalib")
+ov = require_extra("openvino")
 
 from anomalib.data import Folder, MVTecAD  # noqa: E402
 from anomalib.deploy import ExportType  # noqa: E402
 from anomalib.engine import Engine  # noqa: E402
-from conftest import make_tiny_checkpoint  # noqa: E402
 
 from moeclip.cli import main  # noqa: E402
 from moeclip.data.synth import generate_dataset  # noqa: E402
@@ -94,8 +94,9 @@ def test_predict_data_path_equals_detector(ckpt, synth, detector, tmp_path):
     assert len(paths) == len(list(folder.glob("*.png"))) > 0
     ref = detector.predict(paths, object="object")
     for m, s, r in zip(maps, scores, ref):
-        np.testing.assert_allclose(m.reshape(SIZE, SIZE), r.anomaly_map, atol=1e-4, rtol=0)
-        assert s == pytest.approx(r.score, abs=1e-5)
+        # anomalib's batches vs the Detector's: float32 of another batch grouping, relative to the magnitude
+        assert_f32_close(m.reshape(SIZE, SIZE), r.anomaly_map)
+        assert_f32_close(s, r.score, scale=1.0)
 
 
 def test_predict_folder_datamodule(tested, synth, tmp_path):
@@ -126,10 +127,9 @@ def test_export_openvino_equals_pytorch(ckpt, tmp_path):
     got = dict(zip(names, compiled(x).values()))
     with torch.no_grad():
         ref = model(torch.from_numpy(x))
-    np.testing.assert_allclose(np.asarray(got["anomaly_map"]).reshape(2, SIZE, SIZE),
-                               ref.anomaly_map.numpy().reshape(2, SIZE, SIZE), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.asarray(got["pred_score"]).reshape(-1), ref.pred_score.numpy().reshape(-1),
-                               atol=1e-5, rtol=0)
+    # OpenVINO's kernels vs PyTorch's: float32 relative to the maps' magnitude, scores on [0, 1]
+    assert_f32_close(np.asarray(got["anomaly_map"]).reshape(2, SIZE, SIZE), ref.anomaly_map.reshape(2, SIZE, SIZE))
+    assert_f32_close(np.asarray(got["pred_score"]).reshape(-1), ref.pred_score.reshape(-1), scale=1.0)
 
 
 def test_model_options_and_few_shot_are_checked(ckpt):

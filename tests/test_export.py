@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_f32_close, require_extra
 from PIL import Image
 
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+ort = require_extra("onnxruntime")
+require_extra("onnx")
 
 from conftest import EXPORT_OBJECT, check_exported_predict, check_predict_without_torch  # noqa: E402
 
@@ -30,7 +31,7 @@ def exported(export_ckpt, export_detector, export_deploy_file, tmp_path_factory)
 @pytest.fixture(scope="module")
 def exported_dynamo(export_detector, tmp_path_factory) -> Path:
     """The dynamo (torch.export) exporter through the API: ~10 s even for the tiny model."""
-    pytest.importorskip("onnxscript")
+    require_extra("onnxscript")
     return export_onnx(export_detector, tmp_path_factory.mktemp("onnx") / "dyn.onnx", object=EXPORT_OBJECT,
                        routing_outputs=True, exporter="dynamo")
 
@@ -51,8 +52,9 @@ def check_equal(runner, detector, batch):
     x = images(batch, seed=batch)
     got = runner.run(x.numpy())
     ref = detector.model.predict(x, EXPORT_OBJECT, "industrial")
-    np.testing.assert_allclose(got["anomaly_map"], ref["anomaly_map"].numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(got["image_score"], ref["image_score"].numpy(), atol=1e-4, rtol=0)
+    # onnxruntime's kernels vs PyTorch's: float32 relative to the maps' magnitude, scores on [0, 1]
+    assert_f32_close(got["anomaly_map"], ref["anomaly_map"])
+    assert_f32_close(got["image_score"], ref["image_score"], scale=1.0)
     routing = ref["vision"].routing
     assert len(routing) == 4
     for i, r in enumerate(routing):
@@ -79,8 +81,9 @@ def test_export_module_equals_predict(export_detector, domain):
     with torch.no_grad():
         amap, score = module(x)
     ref = export_detector.model.predict(x, text, domain)
-    torch.testing.assert_close(amap, ref["anomaly_map"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(score, ref["image_score"], atol=1e-6, rtol=0)
+    # a fixed convolution instead of kornia's blur: float32 of another path, relative to the maps' magnitude
+    assert_f32_close(amap, ref["anomaly_map"])
+    assert_f32_close(score, ref["image_score"], scale=1.0)
 
 
 def test_numpy_preprocess_equals_torchvision():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_checkpoint
+from conftest import assert_f32_close, make_tiny_checkpoint
 
 from moeclip.errors import MoECLIPError
 from moeclip.model.checkpoint import load_model
@@ -70,8 +70,9 @@ def test_matches_brute_force(model, images):
     expected = brute_force_patch_map([f[0] for f in out.seg_features], bank.features)
     # small chunks so that both loops of the chunked product run several times
     got = bank.patch_distances(out.seg_features, chunk_elements=40)[0]
-    assert torch.allclose(got.double(), expected, atol=1e-6)
-    assert torch.allclose(bank.patch_distances(out.seg_features)[0].double(), expected, atol=1e-6)
+    # float32 chunked products vs float64 brute force: relative to the distances' magnitude (F32_RTOL)
+    assert_f32_close(got, expected)
+    assert_f32_close(bank.patch_distances(out.seg_features)[0], expected)
     # the map: the domain's blur on the grid, then bilinear upsampling, as the zero-shot map
     from kornia.filters import gaussian_blur2d
 
@@ -81,7 +82,7 @@ def test_matches_brute_force(model, images):
         ref_map = F.interpolate(gaussian_blur2d(grid, (k, k), (s, s)), size=(64, 64), mode="bilinear",
                                 align_corners=True)[0, 0]
         got_map = bank.anomaly_map(out.seg_features, out.grid, (64, 64), domain)[0]
-        assert torch.allclose(got_map, ref_map, atol=1e-6)
+        assert_f32_close(got_map, ref_map)  # another blur implementation: float32 of another path
 
 
 def test_self_reference_is_near_zero_and_others_are_not(model, images):
@@ -94,8 +95,8 @@ def test_self_reference_is_near_zero_and_others_are_not(model, images):
     assert float(fs[3].mean()) > 100 * float(fs[:3].abs().max()) + 1e-4
     # the zero-shot parts are those of the plain model
     plain = model.predict(images[:4], text)
-    assert torch.allclose(res["anomaly_map"], plain["anomaly_map"], atol=1e-5)
-    assert torch.allclose(res["image_score"], plain["image_score"], atol=1e-6)
+    assert_f32_close(res["anomaly_map"], plain["anomaly_map"])  # maps ~20: relative to their magnitude
+    assert_f32_close(res["image_score"], plain["image_score"], scale=1.0)
 
 
 def test_nearest_distance_chunking_and_range():

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import assert_f32_close, make_tiny_checkpoint, require_extra
 from PIL import Image
 
 from moeclip.cli import main
@@ -119,8 +119,8 @@ def png_bytes(seed: int) -> bytes:
 
 
 def test_serve_references(ckpt, files):
-    pytest.importorskip("fastapi")
-    pytest.importorskip("multipart")
+    require_extra("fastapi")
+    require_extra("multipart")
     from fastapi.testclient import TestClient
 
     from moeclip.inference.serve import create_app
@@ -169,8 +169,9 @@ def test_calibrate_leave_one_out_then_predict_with_the_deployment(ckpt, files, t
         others = [p for j, p in enumerate(refs) if j != i]
         want = Detector.from_checkpoint(ckpt, device="cpu").with_references(others, object="screw")
         raw = want.runtime().raw([pils[i]], "screw", "industrial")
-        np.testing.assert_allclose(maps[i].numpy(), raw[0][0], atol=1e-5)
-        assert float(scores[i]) == pytest.approx(float(raw[1][0]), abs=1e-6)
+        # a batch of 3 vs 1: float32 of another batch grouping, relative to the map's magnitude
+        assert_f32_close(maps[i], raw[0][0])
+        assert_f32_close(scores[i], raw[1][0], scale=1.0)
         assert raw[2]["few_shot_map_max"][0] > 1e-3  # not compared with itself
     # the CLI: deployment + bank beside it; predict --deploy then scores few-shot
     dep_path = tmp_path / "deploy.json"
@@ -179,7 +180,7 @@ def test_calibrate_leave_one_out_then_predict_with_the_deployment(ckpt, files, t
     dep = Deployment.load(dep_path)
     assert Path(dep.references).name == "deploy.bank.safetensors" and Path(dep.references).is_file()
     assert dep.calibration["few_shot"]["leave_one_out"] is True and dep.calibration["few_shot"]["references"] == 3
-    assert dep.calibration["observed"]["map_max"] == pytest.approx(float(maps.amax()), abs=1e-5)
+    assert_f32_close(dep.calibration["observed"]["map_max"], maps.amax())  # calibrate's own batches
     out = tmp_path / "preds"
     assert main(["predict", "--deploy", str(dep_path), "--device", "cpu", str(files / "test" / "screw"),
                  "--out", str(out)]) == 0
@@ -187,7 +188,7 @@ def test_calibrate_leave_one_out_then_predict_with_the_deployment(ckpt, files, t
     assert row["references"] == 3 and "decision" in row
     deployed = Detector.from_deployment(dep, device="cpu")
     want = deployed.predict([files / "test" / "screw" / "a.png"], object="screw")[0]
-    assert row["score"] == pytest.approx(want.score, abs=1e-6) and want.extra["references"] == 3
+    assert_f32_close(row["score"], want.score, scale=1.0) and want.extra["references"] == 3
     # separate reference images (not leave-one-out)
     assert main(["calibrate", "--checkpoint", str(ckpt), "--device", "cpu", "--normal", str(files / "test"),
                  "--object", "screw", "--reference", str(files / "refs"), "--bank-size", "50",
@@ -198,8 +199,8 @@ def test_calibrate_leave_one_out_then_predict_with_the_deployment(ckpt, files, t
 
 
 def test_onnx_export_bakes_the_bank_in(ckpt, files, tmp_path):
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
+    require_extra("onnx")
+    require_extra("onnxruntime")
     from moeclip.inference.onnx import OnnxRuntime, compare_onnx, read_metadata
 
     dep_path = tmp_path / "deploy.json"
@@ -217,10 +218,12 @@ def test_onnx_export_bakes_the_bank_in(ckpt, files, tmp_path):
     img = Image.open(files / "test" / "screw" / "a.png").convert("RGB")
     onnx_maps, onnx_scores = rt.raw([img])[:2]
     torch_maps, torch_scores = det.runtime().raw([img], "screw", "industrial")[:2]
-    assert np.abs(onnx_maps - torch_maps).max() < 1e-4 and np.abs(onnx_scores - torch_scores).max() < 1e-5
+    # onnxruntime's kernels vs PyTorch's: float32 relative to the maps' magnitude, scores on [0, 1]
+    assert_f32_close(onnx_maps, torch_maps)
+    assert_f32_close(onnx_scores, torch_scores, scale=1.0)
     # predict --onnx and predict --deploy give the same results
     for flag, path, out in (("--onnx", model_path, "po"), ("--deploy", dep_path, "pd")):
         assert main(["predict", flag, str(path), str(files / "test" / "screw"), "--out", str(tmp_path / out)]) == 0
     a = json.loads((tmp_path / "po" / "results.jsonl").read_text().splitlines()[0])
     b = json.loads((tmp_path / "pd" / "results.jsonl").read_text().splitlines()[0])
-    assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+    assert_f32_close(a["score"], b["score"], scale=1.0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_checkpoint
+from conftest import assert_f32_close, make_tiny_checkpoint
 
 from moeclip.cli import main
 from moeclip.data.references import draw_shots, folder_references, training_normals
@@ -118,7 +118,8 @@ def test_reference_weight_zero_keeps_the_zero_shot_pixel_ranking(ckpt, synth, tm
     w0 = json.loads((tmp_path / "w0" / "results.json").read_text())["datasets"][0]["per_class"]
     # weight 0: the fused map is a monotone function of the zero-shot map: same pixel ranking
     for cls in zs:
-        assert w0[cls]["pixel_auroc"] == pytest.approx(zs[cls]["pixel_auroc"], abs=1e-6)
+        # (float32 rounding of the monotone map can merge or split near-ties: F32_RTOL of the metric's range)
+        assert_f32_close(w0[cls]["pixel_auroc"], zs[cls]["pixel_auroc"], scale=1.0)
 
 
 def test_errors_name_the_class_and_refuse_test_images(ckpt, tmp_path, capsys):

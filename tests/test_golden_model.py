@@ -81,10 +81,37 @@ def test_vision_features_and_routing(model, golden):
     for j, f in enumerate(out.seg_features):
         torch.testing.assert_close(f, exp[f"seg_tokens.{j}"], atol=1e-5, rtol=0)
     torch.testing.assert_close(out.det_feature, exp["det_token"], atol=1e-5, rtol=0)
+    exempt = 0
     for i, r in enumerate(out.routing):
         torch.testing.assert_close(seq_major(r.probs), exp[f"router_probs.{i}"], atol=1e-5, rtol=0)
-        assert torch.equal(seq_major(r.indices), exp[f"router_topk.{i}"].to(r.indices.dtype))
+        exempt += check_top_k(seq_major(r.indices), exp[f"router_topk.{i}"], exp[f"router_probs.{i}"], f"layer {i}")
         assert torch.allclose(r.weights.sum(-1), torch.ones(()))
+    # the fixture has one near-tie (layer 1, row 59: experts 0 and 3 at 0.21116309 vs 0.21116289, a gap of
+    # 2e-7 against our measured probability error of up to 3e-7 in that layer); more would mean a fixture
+    # whose routing the check no longer pins down
+    assert exempt <= 2, exempt
+
+
+#: Two router probabilities are a tie when the official gap is below twice the tolerance the probabilities
+#: are held to (1e-5 each): within it, float32 rounding of another CPU may order them either way.
+ROUTING_TIE = 2e-5
+
+
+def check_top_k(ours: torch.Tensor, official: torch.Tensor, official_probs: torch.Tensor, what: str) -> int:
+    """Routing indices equal the official ones exactly where the official top-k gap is clear; inside a
+    near-tie (gap below :data:`ROUTING_TIE`) either of the tied experts is accepted at that rank. Returns the
+    number of tie-exempt entries."""
+    official = official.to(ours.dtype)
+    assert ours.shape == official.shape, what
+    exempt = 0
+    for n in range(official.shape[0]):
+        p = official_probs[n].double()
+        assert len(set(ours[n].tolist())) == ours.shape[1], (what, n)  # k distinct experts
+        for j, e in enumerate(official[n].tolist()):
+            tied = {int(x) for x in torch.nonzero((p - p[e]).abs() < ROUTING_TIE).ravel()}
+            exempt += len(tied) > 1
+            assert int(ours[n, j]) in tied, (what, n, j, ours[n].tolist(), official[n].tolist())
+    return exempt
 
 
 @pytest.mark.parametrize("domain", ["Industrial", "Medical"])

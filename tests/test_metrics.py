@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from conftest import require_extra
 from scipy import ndimage
 
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
-
-from moeclip.metrics import (  # noqa: E402
+from moeclip.metrics import (
     METRIC_KEYS,
     ClassAccumulator,
     aupro,
@@ -26,8 +26,13 @@ from moeclip.metrics import (  # noqa: E402
 
 
 # ---------------------------------------------------------------- references
+def sklearn_metrics():
+    """scikit-learn (the dev extra) for the tests compared with it: only those skip when it is absent."""
+    return require_extra("sklearn.metrics")
+
+
 def sk_f1_max(labels, scores):
-    precision, recall, _ = sklearn_metrics.precision_recall_curve(labels, scores)
+    precision, recall, _ = sklearn_metrics().precision_recall_curve(labels, scores)
     with np.errstate(divide="ignore", invalid="ignore"):
         f1 = 2 * precision * recall / (precision + recall)
     return float(np.max(f1[np.isfinite(f1)]))
@@ -35,8 +40,8 @@ def sk_f1_max(labels, scores):
 
 def sk_metrics(labels, scores):
     return {
-        "auroc": sklearn_metrics.roc_auc_score(labels, scores),
-        "ap": sklearn_metrics.average_precision_score(labels, scores),
+        "auroc": sklearn_metrics().roc_auc_score(labels, scores),
+        "ap": sklearn_metrics().average_precision_score(labels, scores),
         "f1_max": sk_f1_max(labels, scores),
     }
 
@@ -128,7 +133,7 @@ def test_constant_scores_and_2d_input():
     scores = np.full((2, 2), 0.7, dtype=np.float32)
     ours = binary_curve_metrics(scores, labels)
     assert ours["auroc"] == pytest.approx(0.5)
-    assert ours["ap"] == pytest.approx(sklearn_metrics.average_precision_score(labels.ravel(), scores.ravel()))
+    assert ours["ap"] == pytest.approx(sklearn_metrics().average_precision_score(labels.ravel(), scores.ravel()))
     assert ours["f1_max"] == pytest.approx(sk_f1_max(labels.ravel(), scores.ravel()))
 
 
@@ -272,7 +277,6 @@ def test_evaluate_class_undefined_parts_and_errors():
 
 
 def test_accumulator_matches_evaluate_class():
-    torch = pytest.importorskip("torch")
     maps, masks, img, labels = make_class(6, n=7)
     want = evaluate_class(maps, masks, img, labels, "industrial")
     for kwargs in ({"num_images": 7, "image_shape": (20, 20)}, {"num_images": 2}, {}):
@@ -289,7 +293,11 @@ def test_accumulator_matches_evaluate_class():
 
 
 def test_official_round_and_average():
-    assert official_round(0.628714) == 62.870000000000005
+    # the official report rounds the fraction to 4 decimals first, then scales by 100 in float arithmetic:
+    # the expected values are the hand-rounded fractions times 100 (0.628714 -> 0.6287, not 62.8714 -> 62.87)
+    assert official_round(0.628714) == 0.6287 * 100
+    assert official_round(0.12346) == 0.1235 * 100 and official_round(0.99996) == 100.0
+    assert official_round(0.00004) == 0.0
     assert official_round(None) is None
     avg = average_results(
         [

@@ -3,15 +3,13 @@ c10d rendezvous on 127.0.0.1, exactly as two hosts meet through the first host's
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import train_args
+from conftest import assert_same_metrics, child_env, run_launchers, train_args
 
 from moeclip.cli import main
 
@@ -23,31 +21,21 @@ def _free_port() -> int:
 
 
 def two_nodes(args, cwd: Path, timeout: int = 300) -> list:
-    """Start both "nodes" (launchers) at once and wait for both; each launcher runs one worker process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    """Start both "nodes" (launchers) at once and wait for both; each launcher runs one worker process.
+    Logs and temporary files stay in ``cwd``; every process (launchers and workers) is ended on return."""
+    env = child_env(cwd)
     endpoint, run_id = f"127.0.0.1:{_free_port()}", uuid.uuid4().hex[:8]
-    procs = []
+    cmds = []
     for node in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id,
-               # which launcher hosts the rendezvous store: decided up front, as node 0 would on a cluster
-               "--rdzv-conf", f"is_host={int(node == 0)}", "--local-addr", "127.0.0.1",
-               "-m", "moeclip", *args]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    outputs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=timeout)
-            outputs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-4000:]
-    return outputs
+        cmds.append([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                     "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id,
+                     # which launcher hosts the rendezvous store: decided up front, as node 0 would on a cluster
+                     "--rdzv-conf", f"is_host={int(node == 0)}", "--local-addr", "127.0.0.1",
+                     "--log-dir", str(cwd / f"elastic-{run_id}-{node}"), "-m", "moeclip", *args])
+    results = run_launchers(cmds, cwd, env, timeout)
+    for code, out in results:
+        assert code == 0, out[-4000:]
+    return [out for _, out in results]
 
 
 @pytest.mark.slow
@@ -73,4 +61,4 @@ def test_two_node_rendezvous_trains_identical_ranks_and_tests_like_one_process(s
     two = json.loads((tmp_path / "two" / "results.json").read_text())["datasets"][0]["per_class"]
     assert one.keys() == two.keys() == {"wood"}
     for cls, m in one.items():
-        assert m == pytest.approx(two[cls], abs=1e-6)
+        assert_same_metrics(m, two[cls])

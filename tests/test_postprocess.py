@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import make_tiny_checkpoint, require_extra
 from PIL import Image
 
 from moeclip.analysis.report import final_image_scores
@@ -125,8 +125,8 @@ def tiny_ckpt(tiny_clip_config, tmp_path_factory) -> Path:
 
 def tiny_onnx(path: Path, deployment: Deployment) -> Path:
     """An ONNX graph with moeclip metadata whose outputs are fixed_raw's (a constant, tiled by batch)."""
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
+    onnx = require_extra("onnx")
+    require_extra("onnxruntime")
     from onnx import TensorProto, helper, numpy_helper
 
     maps, scores = fixed_raw([None])
@@ -156,17 +156,27 @@ def tiny_onnx(path: Path, deployment: Deployment) -> Path:
     return path
 
 
-@pytest.mark.parametrize("domain", ["industrial", "medical"])
-def test_every_path_gives_the_same_scores(tiny_ckpt, tmp_path, domain):
-    from moeclip.inference.onnx import OnnxDetector
-    from moeclip.inference.pipeline import decode
-
+def _fixed_case(tiny_ckpt, tmp_path, domain):
+    """A deployment file, an image, and the post-processor's result on fixed_raw's outputs (the expected one)."""
     dep = Deployment(object="metal nut", domain=domain, threshold=0.4, pixel_threshold=9.0, normalization=NORM,
                      checkpoint=str(tiny_ckpt))
     dep_path = dep.save(tmp_path / "deploy.json")
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 90, 3), dtype=np.uint8))
     maps, scores = fixed_raw([image])
     expected = pp.PostProcessor(NUM_MAPS, domain, NORM, 0.4, 9.0)(maps[0], float(scores[0]), (40, 90))
+    return dep, dep_path, image, expected
+
+
+def _assert_same_result(got, expected):
+    # bitwise: every path post-processes the same float32 raw outputs with the same code
+    assert got.score == expected.score and got.raw_score == expected.raw_score
+    assert got.map_max == expected.map_max and got.decision == expected.decision
+    np.testing.assert_array_equal(got.anomaly_map, expected.anomaly_map)
+
+
+@pytest.mark.parametrize("domain", ["industrial", "medical"])
+def test_every_path_gives_the_same_scores(tiny_ckpt, tmp_path, domain):
+    dep, dep_path, image, expected = _fixed_case(tiny_ckpt, tmp_path, domain)
 
     # the Detector (PyTorch runtime) with its model's raw outputs replaced by the fixed ones
     det = Detector.from_deployment(dep_path, device="cpu")
@@ -174,25 +184,37 @@ def test_every_path_gives_the_same_scores(tiny_ckpt, tmp_path, domain):
                                                    "image_score": torch.from_numpy(fixed_raw(list(batch))[1])}
     via_detector = det.predict([image], object="metal nut")[0]
     # the pipeline (predict / serve) with the deployment's post-processor
-    via_pipeline = score_images(TorchRuntime(det), Deployment.load(dep_path).post_processor(NUM_MAPS), [image],
-                                "metal nut")[0]
-    # the ONNX runtime: a graph returning the same raw outputs, the deployment in its metadata
-    onnx_det = OnnxDetector(tiny_onnx(tmp_path / "fixed.onnx", dep))
-    via_onnx = onnx_det.predict([decode(image)])[0]
-    for got in (via_detector, via_pipeline, via_onnx):
-        assert got.score == expected.score and got.raw_score == expected.raw_score
-        assert got.map_max == expected.map_max and got.decision == expected.decision
-        np.testing.assert_array_equal(got.anomaly_map, expected.anomaly_map)
+    post = Deployment.load(dep_path).post_processor(NUM_MAPS)
+    via_pipeline = score_images(TorchRuntime(det), post, [image], "metal nut")[0]
+    for got in (via_detector, via_pipeline):
+        _assert_same_result(got, expected)
 
     # the files predict writes: map, overlay on the fixed scale, mask from the pixel threshold
-    post = onnx_det.post
     writer = ResultWriter(tmp_path / "out", masks=True)
-    rec = writer.write(Job(tmp_path / "x.png", object="metal nut"), via_onnx, image, post)
+    rec = writer.write(Job(tmp_path / "x.png", object="metal nut"), via_pipeline, image, post)
     writer.close()
     np.testing.assert_array_equal(np.load(tmp_path / "out" / rec["map"]), expected.anomaly_map)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / rec["mask"])) == 255,
                                   expected.anomaly_map >= 9.0)
     assert rec["score"] == expected.score and rec["domain"] == domain and rec["threshold"] == 0.4
+
+
+@pytest.mark.parametrize("domain", ["industrial", "medical"])
+def test_onnx_runtime_gives_the_same_scores(tiny_ckpt, tmp_path, domain):
+    """The ONNX runtime (a graph returning fixed_raw's outputs, the deployment in its metadata): its own
+    test, so that without the onnx extra only this part skips."""
+    from moeclip.inference.onnx import OnnxDetector
+    from moeclip.inference.pipeline import decode
+
+    dep, _, image, expected = _fixed_case(tiny_ckpt, tmp_path, domain)
+    onnx_det = OnnxDetector(tiny_onnx(tmp_path / "fixed.onnx", dep))
+    via_onnx = onnx_det.predict([decode(image)])[0]
+    _assert_same_result(via_onnx, expected)
+    writer = ResultWriter(tmp_path / "out", masks=True)
+    rec = writer.write(Job(tmp_path / "x.png", object="metal nut"), via_onnx, image, onnx_det.post)
+    writer.close()
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / rec["map"]), expected.anomaly_map)
+    assert rec["score"] == expected.score and rec["threshold"] == 0.4
 
 
 @pytest.mark.parametrize("domain", ["industrial", "medical"])

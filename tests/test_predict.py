@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import assert_f32_close, make_tiny_checkpoint
 from PIL import Image
 
 from moeclip.cli import main
@@ -70,10 +70,11 @@ def test_folder_outputs_match_detector(tiny_ckpt, detector, images, tmp_path):
         assert amap.dtype == np.float32 and amap.shape == (img.height, img.width)
         assert Image.open(out / r["overlay"]).size == img.size
         ref = detector.predict([r["path"]])[0]  # the same model through the Python API
-        np.testing.assert_allclose(amap, ref.anomaly_map, atol=1e-5)
-        assert r["raw_score"] == pytest.approx(ref.raw_score, abs=1e-6)
-        assert r["score"] == pytest.approx(ref.score, abs=1e-6)
-        assert r["map_max"] == pytest.approx(ref.map_max, abs=1e-5)
+        # batches of 2 (CLI) vs 1 (API): float32 of another batch grouping (maps ~20-30, scores on [0, 1])
+        assert_f32_close(amap, ref.anomaly_map, what=r["path"])
+        assert_f32_close(r["raw_score"], ref.raw_score, scale=1.0)
+        assert_f32_close(r["score"], ref.score, scale=1.0)
+        assert_f32_close(r["map_max"], ref.map_max)
     assert not (out / "masks").exists()
 
 
@@ -117,14 +118,23 @@ def test_class_map_and_key_rules(tiny_ckpt, images, tmp_path):
 
 def test_globs_missing_files_and_threshold(tiny_ckpt, images, tmp_path):
     out = tmp_path / "out"
-    assert main(["predict", "--checkpoint", str(tiny_ckpt), "--device", "cpu", "--threshold", "0.0",
-                 "--precision", "bf16", str(images / "**" / "*.png"), str(tmp_path / "missing.png"),
-                 "--out", str(out)]) == 0
+    args = ["predict", "--checkpoint", str(tiny_ckpt), "--device", "cpu", "--precision", "bf16",
+            str(images / "**" / "*.png"), str(tmp_path / "missing.png"), "--out", str(out)]
+    assert main(args) == 0
     rows = read_results(out)
     assert sum("error" in r for r in rows) == 2  # broken.png and missing.png
     good = [r for r in rows if "error" not in r]
-    assert len(good) == 3 and all(r["decision"] is True and r["threshold"] == 0.0 for r in good)
+    assert len(good) == 3 and all("decision" not in r for r in good)
     assert all(np.isfinite(np.load(out / r["map"])).all() for r in good)
+    # a threshold between the lowest and the middle score (the same run again: bitwise the same scores)
+    low, mid, _ = sorted(r["score"] for r in good)
+    assert low < mid
+    threshold = (low + mid) / 2
+    assert main(args + ["--threshold", str(threshold), "--overwrite"]) == 0
+    again = [r for r in read_results(out) if "error" not in r]
+    assert sorted(r["score"] for r in again) == sorted(r["score"] for r in good)
+    assert all(r["threshold"] == threshold and r["decision"] == (r["score"] >= threshold) for r in again)
+    assert sorted(r["decision"] for r in again) == [False, True, True]
 
 
 def test_needs_a_model(images, tmp_path, capsys):
@@ -168,8 +178,9 @@ def test_official_checkpoint_matches_golden(golden_dir, tmp_path):
     args = parser.parse_args(["predict", "x", "--out", "o", "--checkpoint", str(ckpt), *flags])
     model = build_model(ckpt, model_options(args))
     direct = model.predict(inputs["images"], obj, domain="industrial")
-    torch.testing.assert_close(direct["anomaly_map"], expected["anomaly_map.Industrial"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(direct["image_score"], expected["image_score_raw"], atol=1e-5, rtol=0)
+    # the official code's outputs, recorded on another machine: float32 relative to the maps' magnitude
+    assert_f32_close(direct["anomaly_map"], expected["anomaly_map.Industrial"])
+    assert_f32_close(direct["image_score"], expected["image_score_raw"], scale=1.0)
 
     # images -> 8-bit PNGs -> CLI
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
@@ -187,8 +198,9 @@ def test_official_checkpoint_matches_golden(golden_dir, tmp_path):
     assert (reread - inputs["images"]).abs()[inside].max() < 0.01  # 8-bit quantisation (and clipping) only
     ref = model.predict(reread, obj, domain="industrial")
     for i, r in enumerate(rows):
-        np.testing.assert_allclose(np.load(out / r["map"]), ref["anomaly_map"][i].numpy(), atol=1e-5, rtol=0)
-        assert r["raw_score"] == pytest.approx(float(ref["image_score"][i]), abs=1e-6)
+        # the CLI's batches vs one batch of all images: float32 of another batch grouping (maps ~31)
+        assert_f32_close(np.load(out / r["map"]), ref["anomaly_map"][i], what=r["path"])
+        assert_f32_close(r["raw_score"], ref["image_score"][i], scale=1.0)
         assert r["object"] == obj
 
 
@@ -215,8 +227,8 @@ def test_exif_orientation_and_gif(tiny_ckpt, detector, tmp_path):
     assert Image.open(out / phone["overlay"]).size == (40, 70)
     shown = ImageOps.exif_transpose(Image.open(folder / "phone.jpg")).convert("RGB")
     ref = detector.predict([shown])[0]
-    assert phone["score"] == pytest.approx(ref.score, abs=1e-6)
+    assert_f32_close(phone["score"], ref.score, scale=1.0)  # another batch than the folder's
     via_path = detector.predict([str(folder / "phone.jpg")])[0]  # the Python API with a path
-    assert via_path.anomaly_map.shape == (70, 40) and via_path.score == pytest.approx(ref.score, abs=1e-6)
+    assert via_path.anomaly_map.shape == (70, 40) and via_path.score == ref.score  # the same batch: bitwise
     assert (rows["anim.gif"]["width"], rows["anim.gif"]["height"]) == (30, 20)
     assert load_image(folder / "phone.jpg").size == (70, 40)  # datasets: raw pixels, aligned with masks

@@ -4,26 +4,38 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_checkpoint
+from conftest import assert_f32_close, make_tiny_checkpoint, require_extra
 from PIL import Image
 
 from moeclip.cli import main
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.data")
+ray = require_extra("ray")
+require_extra("ray.data")
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False)
+def cluster(tmp_path_factory):
+    """A local Ray cluster whose session folder (logs, sockets, spilled objects) lives in the test's temporary
+    folder, not in /tmp/ray. Ray's Unix socket paths ({temp}/session_<date>_<pid>/sockets/plasma_store, ~62
+    characters below the folder) must fit in 107 bytes: a long pytest base folder falls back to a short one."""
+    temp, own = tmp_path_factory.mktemp("ray"), None
+    if len(str(temp)) > 40:
+        temp = own = Path(tempfile.mkdtemp(prefix="moeclip-ray-"))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False,
+             _temp_dir=str(temp))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    yield
-    ray.shutdown()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +79,8 @@ def reference(ckpt, images, tmp_path_factory):
 
 
 def assert_same_results(ray_out: Path, ref_out: Path) -> None:
-    """Every line of single-process predict, once, with scores within 1e-6 and the same files."""
+    """Every line of single-process predict, once, with the same values (float32 of another batch grouping:
+    see F32_RTOL) and the same files."""
     got, want = lines(ray_out), lines(ref_out)
     assert len(got) == len({r["path"] for r in got})  # each image exactly once
     by_path = {r["path"]: r for r in got}
@@ -77,15 +90,19 @@ def assert_same_results(ray_out: Path, ref_out: Path) -> None:
         assert r.keys() == ref.keys(), ref["path"]
         for k, v in ref.items():
             if isinstance(v, float):
-                assert r[k] == pytest.approx(v, abs=1e-6), (ref["path"], k)
+                # after an actor died, Ray re-ran its images in another batch composition: batched matmuls
+                # round differently (map_max 21.58476448 vs 21.58476639 on an AMD EPYC, 1 ulp): relative to
+                # the value's magnitude, or to the [0, 1] range of scores
+                assert_f32_close(r[k], v, scale=max(abs(v), 1.0), what=f"{ref['path']}: {k}")
             else:
                 assert r[k] == v, (ref["path"], k)
         if "map" in ref:
-            # raw maps (sums of 12 maps, ~20): float32 rounding of another batch grouping, 1e-6 relative
-            np.testing.assert_allclose(np.load(ray_out / r["map"]), np.load(ref_out / ref["map"]), rtol=1e-6, atol=1e-6)
+            # raw maps (sums of 12 maps, ~20): float32 rounding of another batch grouping, relative to the map's
+            # magnitude
+            assert_f32_close(np.load(ray_out / r["map"]), np.load(ref_out / ref["map"]), what=ref["path"])
             a = np.asarray(Image.open(ray_out / r["overlay"]), dtype=int)
             b = np.asarray(Image.open(ref_out / ref["overlay"]), dtype=int)
-            assert a.shape == b.shape and np.abs(a - b).max() <= 1  # colours of maps equal to 1e-6
+            assert a.shape == b.shape and np.abs(a - b).max() <= 1  # colours of equal maps: a rounding step
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +171,9 @@ def test_score_dataset_for_ray_pipelines_and_uris(cluster, ckpt, images, referen
     want = {Path(r["path"]).name: r for r in lines(reference) if "/screw/" in r["path"]}
     for r in rows[:3]:
         ref = want[Path(r["path"]).name]
-        assert r["score"] == pytest.approx(ref["score"], abs=1e-6) and r["error"] is None
-        assert r["raw_score"] == pytest.approx(ref["raw_score"], abs=1e-6)
+        # batches of 2 here, 3 in the reference: float32 of another batch grouping, scores on [0, 1]
+        assert_f32_close(r["score"], ref["score"], scale=1.0) and r["error"] is None
+        assert_f32_close(r["raw_score"], ref["raw_score"], scale=1.0)
         assert r["object"] == "metal screw" and r["anomaly_map"].shape == (ref["height"], ref["width"])
     assert rows[3]["score"] is None and "broken.png" in rows[3]["error"]
 

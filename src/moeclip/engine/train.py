@@ -4,8 +4,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import os
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 LAST_DIR = "checkpoint"
 BEST_DIR = "best"
+#: Test hook (unset in normal use): the run SIGKILLs itself right after this optimiser step is logged, a real
+#: process death at a known point, so the resume test does not race a poll of metrics.csv against the trainer.
+KILL_ENV = "MOECLIP_TEST_KILL_AT_STEP"
 
 
 class _LossModule(nn.Module):
@@ -200,6 +205,7 @@ class Trainer:
         history = {}
         path_to_desc = {s.image_path: d for s, d in zip(self.dataset.samples, self.descriptions)}
         step_bar = None
+        kill_at = int(os.environ.get(KILL_ENV) or 0)
         while self.epoch < cfg.epochs:
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
                 break
@@ -236,6 +242,8 @@ class Trainer:
                     bar.set_postfix({k: f"{v / count:.3f}" for k, v in sums.items()})
                 self._log_row({"epoch": self.epoch + 1, "step": self.step, "lr": self.scheduler.get_last_lr()[0],
                                **{k: round(v, 6) for k, v in parts.items()}})
+                if kill_at and self.step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     break
             self.epoch += 1
