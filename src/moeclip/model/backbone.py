@@ -212,3 +212,21 @@ def vision_dims(clip: nn.Module) -> Dict[str, int]:
         "text_width": int(clip.ln_final.normalized_shape[0]),
         "patch_size": int(visual.conv1.kernel_size[0]),
     }
+
+
+def create_vision_clip(cfg: BackboneConfig) -> nn.Module:
+    """:func:`create_clip` for vision-only callers (MuSc): a weight file may hold just ``visual.*``.
+
+    The text tower then keeps its random initialisation; nothing that reads only the vision tower
+    can tell.
+    """
+    pretrained = cfg.pretrained
+    if pretrained and Path(pretrained).is_file():
+        state = read_weight_file(pretrained)
+        if state and all(k.startswith("visual.") for k in state):
+            model = _build_architecture(cfg)
+            own = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
+            load_weights_into(model, {**own, **state}, str(pretrained))
+            freeze(model)
+            return model
+    return create_clip(cfg)
