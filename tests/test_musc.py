@@ -65,7 +65,8 @@ def test_lnamd_is_layernorm_then_zero_padded_mean_then_unit_length():
     var = fmap.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
     fmap = (fmap - mu) / torch.sqrt(var + 1e-5)
     padded = torch.nn.functional.pad(fmap, (1, 1, 1, 1))
-    mean = sum(padded[:, :, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)) / 9  # corners: 4 real + 5 zeros
+    # corners average 4 real values and 5 zeros
+    mean = sum(padded[:, :, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)) / 9
     want = mean.reshape(2, 3, 16).transpose(1, 2)
     want = want / want.norm(dim=-1, keepdim=True)
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MoECLIPError
+from ..precision import resolve_device
 
 __all__ = ["MUSC_LEVELS", "MUSC_RADII", "RSCIN_WINDOWS", "INTERVAL", "default_levels", "check_levels",
            "extract_tokens", "lnamd", "mutual_scoring", "sample_others", "mutual_patch_scores", "upsample",
@@ -247,7 +248,7 @@ class MuSc:
     def __init__(self, clip: nn.Module, image_size: Optional[int] = None, levels: Optional[Sequence[int]] = None,
                  radii: Sequence[int] = MUSC_RADII, windows: Optional[Sequence[int]] = RSCIN_WINDOWS,
                  interval: float = INTERVAL, mutual_images: Optional[int] = None, seed: int = 0,
-                 batch_size: int = 8, device: str = "cpu", chunk_mb: int = 256):
+                 batch_size: int = 8, device: str = "auto", chunk_mb: int = 256):
         visual = _visual(clip)
         self.clip = clip
         self.depth = len(visual.transformer.resblocks)
@@ -265,11 +266,12 @@ class MuSc:
             raise MoECLIPError("--batch-size must be at least 1")
         self.radii, self.windows, self.interval = tuple(radii), windows, interval
         self.mutual_images, self.seed, self.batch_size = mutual_images, seed, batch_size
-        self.device, self.chunk_mb = torch.device(device), chunk_mb
+        self.device, self.chunk_mb = resolve_device(device), chunk_mb
+        self.clip = clip.to(self.device)
 
     @classmethod
     def from_options(cls, clip_model: str = "ViT-L-14-336", clip_weights: Optional[str] = "openai",
-                     image_size: int = 518, quick_gelu: bool = False, device: str = "cpu", **kwargs) -> "MuSc":
+                     image_size: int = 518, quick_gelu: bool = False, device: str = "auto", **kwargs) -> "MuSc":
         """Build the frozen CLIP (name or JSON config; tag, weight file or None) and wrap it.
 
         A weight file may hold the vision tower only (``visual.*`` keys): MuSc needs nothing else.
@@ -278,7 +280,7 @@ class MuSc:
         from .config import BackboneConfig
 
         clip = create_vision_clip(BackboneConfig(clip_model, clip_weights, int(image_size), bool(quick_gelu)))
-        return cls(clip.to(device), image_size=image_size, device=device, **kwargs)
+        return cls(clip, image_size=image_size, device=device, **kwargs)
 
     @torch.no_grad()
     def tokens(self, images: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
