@@ -35,6 +35,17 @@ def test_msm_equals_written_out_rule_every_batch_size(n):
     np.testing.assert_allclose(got, brute_msm(z.double().numpy(), None), rtol=1e-5, atol=1e-6)
 
 
+def test_msm_pairwise_and_per_image_paths_agree():
+    """The full batch computes each pair once (both directions); the per-image loop computes it twice."""
+    z = unit_features(9, seed=4)
+    every = torch.stack([torch.tensor([j for j in range(9) if j != i]) for i in range(9)])
+    np.testing.assert_allclose(musc.mutual_scoring(z).numpy(), musc.mutual_scoring(z, others=every).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    # a batch whose pair table exceeds the memory budget takes the per-image loop: same numbers
+    np.testing.assert_allclose(musc.mutual_scoring(z, chunk_mb=0).numpy(), musc.mutual_scoring(z).numpy(),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_msm_with_sampled_others_and_tiny_chunks():
     z = unit_features(12, seed=1)
     others = musc.sample_others(12, 4, seed=3)

@@ -164,6 +164,20 @@ def mutual_scoring(Z: torch.Tensor, interval: float = INTERVAL, others: Optional
         raise MoECLIPError(f"MSM interval must be in (0, 1], got {interval}")
     step = max(1, int(chunk_mb * 2**20 // (4 * npatch * npatch)))
     out = torch.empty(n, npatch, dtype=torch.float32, device=Z.device)
+    if others is None and 4 * n * n * npatch <= 8 * chunk_mb * 2**20:
+        # every pair once: the (L, m, L) distance block of (i, j) holds i's nearest patches in j
+        # (min over j's patches) and j's nearest in i (min over i's): half the products
+        nearest = torch.full((n, npatch, n), float("inf"), dtype=torch.float32, device=Z.device)
+        for i in range(n - 1):
+            for s in range(i + 1, n, step):
+                block = Z[s:s + step]
+                d = torch.cdist(Z[i], block.reshape(-1, c)).view(npatch, block.shape[0], npatch)
+                nearest[i, :, s:s + block.shape[0]] = d.amin(dim=-1)
+                nearest[s:s + block.shape[0], :, i] = d.amin(dim=0)
+        for i in range(n):  # the diagonal stays +inf: never among the n - 1 smallest
+            k = max(1, int((n - 1) * interval))
+            out[i] = torch.topk(nearest[i], k, dim=1, largest=False, sorted=True).values.mean(dim=1)
+        return out
     for i in range(n):
         refs = torch.cat([torch.arange(i, device=Z.device), torch.arange(i + 1, n, device=Z.device)]) \
             if others is None else others[i].to(Z.device)
