@@ -22,6 +22,10 @@ Where it differs from the paper or fails, this module says so:
 - the class embedding is the CLS token of the *last* block, ``ln_post`` and ``proj`` (CLIP's image
   embedding), L2-normalised, whatever levels are read;
 - the map maximum is taken on the upsampled map;
+- activation: at 518 px the official factory rebuilds ViT-L-14-336 from its config, i.e. with plain
+  GELU, and loads the OpenAI weights into it (positional embedding resized bicubically), which is
+  what :mod:`moeclip.model.backbone` does by default; at the native 336 px it would load OpenAI's
+  QuickGELU model (``quick_gelu=True``, ``--quick-gelu``);
 - small batches: the official ``int(0.3 * (N - 1))`` is 0 below 5 images (mean of nothing: NaN,
   MuSc issue #41); here at least one other image is averaged. RsCIN windows larger than the batch
   are clamped to it (the official code raises), and a batch whose map maxima are all equal gets
