@@ -7,7 +7,8 @@ script measures, on random weights and random tokens of the real shapes (the cos
 on the values):
 
 * ``tower``: the frozen tower's forward per image (``MuSc.tokens``, batch ``--batch-size``);
-* ``musc``: ``MuSc.from_tokens`` (LNAMD, MSM, upsampling, RsCIN) on an N-image batch, per image,
+* ``musc``: ``MuSc.from_tokens`` (LNAMD, MSM, upsampling, RsCIN) on an N-image batch, per image
+  (wall time, and process CPU time, which a machine shared with other jobs inflates less),
   and the extra peak memory of that call (CPU: RSS growth; CUDA: allocator peak) with the default
   distance blocks (``--chunk-mb``), plus the memory the batch's tokens take (they grow with N);
 * a GPU estimate from the FLOPs at ``--gpu-tflops`` sustained (an assumption, printed as such).
@@ -68,10 +69,11 @@ def main(argv=None) -> int:
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     scorer.tokens(images[:1])  # warm-up
     common.sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     scorer.tokens(images)
     common.sync(device)
     tower_s = (time.perf_counter() - t0) / args.batch_size
+    tower_cpu = (time.process_time() - c0) / args.batch_size
     tflop_tower = tower_flops(L + 1, width, depth, int(visual.conv1.kernel_size[0])) / 1e12
 
     ns = [int(v) for v in args.n.split(",")]
@@ -88,28 +90,31 @@ def main(argv=None) -> int:
             scorer.mutual_images = m
             with common.PeakMemory(device) as mem:
                 common.sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 scorer.from_tokens(toks, cls)
                 common.sync(device)
                 musc_s = (time.perf_counter() - t0) / n
+                musc_cpu = (time.process_time() - c0) / n
             k = n - 1 if m is None else m
             tflop = flops_per_image(n, m, L, width, nlev, nrad) / 1e12
             gpu_s = (tflop + tflop_tower) / args.gpu_tflops
             res = {"n": n, "m": m, "compared": k, "tower_s_per_image": tower_s, "musc_s_per_image": musc_s,
+                   "tower_cpu_s_per_image": tower_cpu, "musc_cpu_s_per_image": musc_cpu,
                    "total_s_per_image": tower_s + musc_s, "msm_tflop_per_image": tflop,
-                   "tower_tflop_per_image": tflop_tower, "measured_msm_gflops": tflop * 1e3 / musc_s,
+                   "tower_tflop_per_image": tflop_tower, "measured_msm_gflops": tflop * 1e3 / musc_cpu,
                    "gpu_estimate_s_per_image": gpu_s, "tokens_mib": round(token_mib, 1),
                    "musc_extra_peak_mib": common.mib(mem.extra_bytes), "memory_method": mem.method}
             results.append(res)
-            rows.append([n, "all" if m is None else m, k, tower_s, musc_s, tower_s + musc_s, tflop,
-                         res["measured_msm_gflops"], gpu_s * 1e3, token_mib, res["musc_extra_peak_mib"]])
+            rows.append([n, "all" if m is None else m, k, tower_s, musc_s, tower_s + musc_s, tower_cpu + musc_cpu,
+                         tflop, res["measured_msm_gflops"], gpu_s * 1e3, token_mib, res["musc_extra_peak_mib"]])
             print(f"N={n} M={m}: {musc_s:.3f} s/image scoring", file=sys.stderr, flush=True)
         del toks
     info = common.machine_info(device)
     print(f"{args.clip_model} @ {args.image_size}: {L} patches x {width}, levels {scorer.levels}, r {scorer.radii}; "
           f"{info['cpu']} ({info['torch_threads']} threads){', ' + info['gpu'] if 'gpu' in info else ''}")
-    common.print_table(rows, ["N", "M", "K", "tower s/img", "musc s/img", "total s/img", "MSM TFLOP/img",
-                              "MSM GFLOP/s", f"GPU est ms/img @{args.gpu_tflops:g}TF", "tokens MiB",
+    common.print_table(rows, ["N", "M", "K", "tower s/img", "musc s/img", "total s/img", "total CPU s/img",
+                              "MSM TFLOP/img", "MSM GFLOP/s (CPU time)", f"GPU est ms/img @{args.gpu_tflops:g}TF",
+                              "tokens MiB",
                               "musc peak +MiB"])
     common.finish({"config": {**vars(args), "levels": scorer.levels, "patches": L, "width": width},
                    "machine": info, "results": results}, args.json)

@@ -138,3 +138,10 @@ def test_mutual_images_is_deterministic_and_bounded(tiny_clip_config, tiny_musc)
     # M >= N - 1 is the full comparison
     every = musc.MuSc(tiny_musc.clip, mutual_images=6).score_tensors(images)
     torch.testing.assert_close(every.maps, full.maps, rtol=0, atol=1e-6)
+
+
+def test_flops_count_each_full_pair_once():
+    # 2 K L^2 C per level and degree: K = (N - 1) / 2 for a full batch (pairs shared), M when sampled
+    assert musc.flops_per_image(9, None, 4, 2, 1, 1) == 2 * 4 * 16 * 2
+    assert musc.flops_per_image(9, 3, 4, 2, 2, 3) == 2 * 3 * 16 * 2 * 6
+    assert musc.flops_per_image(9, 8, 4, 2, 1, 1) == musc.flops_per_image(9, None, 4, 2, 1, 1)

@@ -148,10 +148,28 @@ def sample_others(n: int, m: Optional[int], seed: int = 0) -> Optional[torch.Ten
     return torch.stack(rows)
 
 
-def _interval_mean(nearest: torch.Tensor, interval: float) -> torch.Tensor:
-    """(L, K) nearest distances -> (L,) mean of the smallest ``max(1, int(interval * K))``."""
-    k = max(1, int(nearest.shape[1] * interval))
+def _interval_mean(nearest: torch.Tensor, interval: float, compared: Optional[int] = None) -> torch.Tensor:
+    """(L, K) nearest distances -> (L,) mean of the smallest ``max(1, int(interval * compared))``
+    (``compared``: the number of other images, default K)."""
+    k = max(1, int((nearest.shape[1] if compared is None else compared) * interval))
     return torch.topk(nearest, k, dim=1, largest=False, sorted=True).values.mean(dim=1)
+
+
+def _nearest(a: torch.Tensor, a_sq: torch.Tensor, block: torch.Tensor, block_sq: torch.Tensor, both: bool):
+    """Euclidean nearest-patch distances between image ``a`` (L, C) and ``m`` images ``block`` (m, L', C).
+
+    Returns (L, m): each patch of ``a`` to its nearest patch in each image, and with ``both`` also
+    (m, L'): each patch of the block to its nearest patch of ``a``. ``|x - y|^2 = |x|^2 + |y|^2 - 2 x.y``
+    with one matrix product, as ``torch.cdist`` computes it for many points, but the square root is taken
+    after the minimum (it is monotonic) and no padded copies of the inputs are made.
+    """
+    m, lb, c = block.shape
+    g = torch.addmm(block_sq.reshape(1, -1), a, block.reshape(-1, c).T, beta=1.0, alpha=-2.0).view(-1, m, lb)
+    rows = (g.amin(dim=-1) + a_sq[:, None]).clamp_min_(0).sqrt_()
+    if not both:
+        return rows, None
+    cols = g.add_(a_sq[:, None, None]).amin(dim=0).clamp_min_(0).sqrt_()
+    return rows, cols
 
 
 def mutual_scoring(Z: torch.Tensor, interval: float = INTERVAL, others: Optional[torch.Tensor] = None,
@@ -160,37 +178,37 @@ def mutual_scoring(Z: torch.Tensor, interval: float = INTERVAL, others: Optional
 
     ``others`` (N, K) restricts image i to the images ``others[i]`` (see :func:`sample_others`).
     The distance blocks are at most ``chunk_mb`` MiB (L x m x L floats for m other images at a time).
+    A full batch whose (N, L, N) table of nearest distances fits in ``8 * chunk_mb`` computes each pair
+    of images once for both directions; otherwise each image is compared with its others in turn.
     """
     n, npatch, c = Z.shape
     if n < 2:
         raise MoECLIPError(ONE_IMAGE_FIX)
     if not 0.0 < interval <= 1.0:
         raise MoECLIPError(f"MSM interval must be in (0, 1], got {interval}")
+    Z = Z.float()
+    sq = (Z * Z).sum(-1)  # (N, L)
     step = max(1, int(chunk_mb * 2**20 // (4 * npatch * npatch)))
     out = torch.empty(n, npatch, dtype=torch.float32, device=Z.device)
     if others is None and 4 * n * n * npatch <= 8 * chunk_mb * 2**20:
-        # every pair once: the (L, m, L) distance block of (i, j) holds i's nearest patches in j
-        # (min over j's patches) and j's nearest in i (min over i's): half the products
         nearest = torch.full((n, npatch, n), float("inf"), dtype=torch.float32, device=Z.device)
         for i in range(n - 1):
             for s in range(i + 1, n, step):
-                block = Z[s:s + step]
-                d = torch.cdist(Z[i], block.reshape(-1, c)).view(npatch, block.shape[0], npatch)
-                nearest[i, :, s:s + block.shape[0]] = d.amin(dim=-1)
-                nearest[s:s + block.shape[0], :, i] = d.amin(dim=0)
+                e = min(s + step, n)
+                rows, cols = _nearest(Z[i], sq[i], Z[s:e], sq[s:e], both=True)
+                nearest[i, :, s:e] = rows
+                nearest[s:e, :, i] = cols
         for i in range(n):  # the diagonal stays +inf: never among the n - 1 smallest
-            k = max(1, int((n - 1) * interval))
-            out[i] = torch.topk(nearest[i], k, dim=1, largest=False, sorted=True).values.mean(dim=1)
+            out[i] = _interval_mean(nearest[i], interval, compared=n - 1)
         return out
     for i in range(n):
         refs = torch.cat([torch.arange(i, device=Z.device), torch.arange(i + 1, n, device=Z.device)]) \
             if others is None else others[i].to(Z.device)
-        nearest = torch.empty(npatch, len(refs), dtype=Z.dtype, device=Z.device)
+        nearest = torch.empty(npatch, len(refs), dtype=torch.float32, device=Z.device)
         for s in range(0, len(refs), step):
-            block = Z[refs[s:s + step]]  # (m, L, C)
-            d = torch.cdist(Z[i], block.reshape(-1, c)).view(npatch, block.shape[0], npatch)
-            nearest[:, s:s + block.shape[0]] = d.amin(dim=-1)
-        out[i] = _interval_mean(nearest.float(), interval)
+            idx = refs[s:s + step]
+            nearest[:, s:s + len(idx)], _ = _nearest(Z[i], sq[i], Z[idx], sq[idx], both=False)
+        out[i] = _interval_mean(nearest, interval)
     return out
 
 
@@ -344,6 +362,10 @@ class MuSc:
 
 
 def flops_per_image(n: int, m: Optional[int], tokens: int, width: int, levels: int, radii: int) -> float:
-    """Multiply-adds x 2 of MSM per image: each (level, r) compares L patches with K*L of size C."""
-    k = n - 1 if m is None else min(m, n - 1)
+    """FLOPs of MSM per image as :func:`mutual_scoring` runs it: ``2 K L^2 C`` per level and degree.
+
+    K = M with ``mutual_images``; for a full batch each pair of images is computed once for both,
+    so K = (N - 1) / 2 (as long as its (N, L, N) table fits, see :func:`mutual_scoring`).
+    """
+    k = (n - 1) / 2 if m is None or m >= n - 1 else m
     return 2.0 * k * tokens * tokens * width * levels * radii
