@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = common.setup(args)
+    info = common.machine_info(device)
     from moeclip.model.backbone import create_vision_clip
     from moeclip.model.config import BackboneConfig
     from moeclip.model.musc import MuSc, flops_per_image
@@ -109,7 +110,6 @@ def main(argv=None) -> int:
                          tflop, res["measured_msm_gflops"], gpu_s * 1e3, token_mib, res["musc_extra_peak_mib"]])
             print(f"N={n} M={m}: {musc_s:.3f} s/image scoring", file=sys.stderr, flush=True)
         del toks
-    info = common.machine_info(device)
     print(f"{args.clip_model} @ {args.image_size}: {L} patches x {width}, levels {scorer.levels}, r {scorer.radii}; "
           f"{info['cpu']} ({info['torch_threads']} threads){', ' + info['gpu'] if 'gpu' in info else ''}")
     common.print_table(rows, ["N", "M", "K", "tower s/img", "musc s/img", "total s/img", "total CPU s/img",

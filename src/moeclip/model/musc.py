@@ -219,9 +219,22 @@ def mutual_patch_scores(level_tokens: Sequence[torch.Tensor], grid: Tuple[int, i
     levels, then over degrees r (the official order, in float64 as it accumulates)."""
     per_r = []
     for r in radii:
-        per_level = [mutual_scoring(lnamd(t, grid, r), interval, others, chunk_mb).double() for t in level_tokens]
+        per_level = [mutual_scoring(_lnamd_batch(t, grid, r, chunk_mb), interval, others, chunk_mb).double()
+                     for t in level_tokens]
         per_r.append(torch.stack(per_level).mean(0))
     return torch.stack(per_r).mean(0)
+
+
+def _lnamd_batch(tokens: torch.Tensor, grid: Tuple[int, int], r: int, chunk_mb: int) -> torch.Tensor:
+    """:func:`lnamd` of a whole batch, a few images at a time (its temporaries stay within ``chunk_mb``)."""
+    n, npatch, c = tokens.shape
+    step = max(1, int(chunk_mb * 2**20 // (4 * 4 * npatch * c)))
+    if step >= n:
+        return lnamd(tokens, grid, r)
+    out = torch.empty(n, npatch, c, dtype=torch.float32, device=tokens.device)
+    for s in range(0, n, step):
+        out[s:s + step] = lnamd(tokens[s:s + step], grid, r)
+    return out
 
 
 def upsample(patch_scores: torch.Tensor, grid: Tuple[int, int], size: Union[int, Tuple[int, int]]) -> torch.Tensor:
