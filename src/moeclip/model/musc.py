@@ -257,7 +257,7 @@ def rscin(scores, class_embeddings, windows: Optional[Sequence[int]] = RSCIN_WIN
     if windows is None or 0 in windows:
         return scores.float()
     if any(int(k) < 0 for k in windows):
-        raise MoECLIPError(f"--rscin windows must be >= 1, got {list(windows)}")
+        raise MoECLIPError(f"--rscin windows must be >= 1 (0: no re-scoring), got {list(windows)}")
     n = scores.shape[0]
     span = scores.max() - scores.min()
     norm = (scores - scores.min()) / span if span > 0 else torch.zeros_like(scores)
@@ -310,7 +310,7 @@ class MuSc:
         if mutual_images is not None and mutual_images < 1:
             raise MoECLIPError(f"--mutual-images must be at least 1, got {mutual_images}")
         if windows is not None and any(int(k) < 0 for k in windows):
-            raise MoECLIPError(f"--rscin windows must be >= 1, got {list(windows)}")
+            raise MoECLIPError(f"--rscin windows must be >= 1 (0: no re-scoring), got {list(windows)}")
         if batch_size < 1:
             raise MoECLIPError("--batch-size must be at least 1")
         self.radii, self.windows, self.interval = tuple(radii), windows, interval
