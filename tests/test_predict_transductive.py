@@ -92,9 +92,10 @@ def test_objects_are_scored_within_their_own_group(golden_run, tmp_path):
     assert {r["object"] for r in rows.values()} == {"part a", "part b"}
     assert all(r["transductive"] == 6 for r in rows.values())
     alone = tmp_path / "alone"
-    assert main(musc_args(golden_run, a, out=alone)) == 0
+    assert main(musc_args(golden_run, a, out=alone, extra=["--threshold", "0.5"])) == 0
     for name, row in read_rows(alone).items():
         assert row["transductive"] == 6
+        assert row["decision"] == (row["score"] >= 0.5) and row["threshold"] == 0.5
         assert rows[name]["raw_score"] == pytest.approx(row["raw_score"], abs=1e-6)
         np.testing.assert_allclose(np.load(mixed / rows[name]["map"]), np.load(alone / row["map"]), rtol=0, atol=1e-6)
 

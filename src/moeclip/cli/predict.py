@@ -19,6 +19,10 @@ for an object without references), ``zero_shot_raw_score``, ``zero_shot_map_max`
 ``zero_shot_score`` and ``few_shot_map_max``; ``score``, ``raw_score``, ``map_max`` and the map are
 then the fused ones, on the zero-shot raw scales (``moeclip.model.fusion.fused_raw``).
 
+With ``--transductive --scoring musc`` (training-free, no checkpoint) each object's images are scored as
+one batch by MuSc (:mod:`moeclip.inference.transductive`): ``raw_score`` is the RsCIN image score, the map
+MuSc's own, and each line adds ``transductive`` (the batch size N) and ``scoring`` ("musc").
+
 Objects: ``--object DESC`` for every image; ``--object KEY=DESC`` (repeatable) and
 ``--class-map FILE`` (JSON ``{"KEY": "DESC"}`` or ``KEY: DESC`` lines) for mixed folders, where
 KEY is a sub-folder name or a glob pattern matched against the path below the given folder

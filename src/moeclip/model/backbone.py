@@ -6,9 +6,10 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._imports import import_open_clip
@@ -230,3 +231,31 @@ def create_vision_clip(cfg: BackboneConfig) -> nn.Module:
             freeze(model)
             return model
     return create_clip(cfg)
+
+
+@torch.no_grad()
+def extract_tokens(clip: nn.Module, images: torch.Tensor, levels: Sequence[int]
+                   ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Frozen tower -> (per level the patch tokens (B, L, C) after that block, CLS dropped; the class embedding).
+
+    ``levels`` are 1-based block outputs. Tokens are the residual stream as the block leaves it (no
+    ``ln_post``), as MuSc (:mod:`moeclip.model.musc`) reads them. The class embedding is CLIP's image
+    embedding (last block's CLS, ``ln_post``, ``proj``), L2-normalised, whatever levels are read.
+    """
+    visual = clip.visual if hasattr(clip, "visual") else clip
+    blocks = visual.transformer.resblocks
+    first = getattr(visual.transformer, "batch_first", True)
+    wanted = set(int(v) for v in levels)
+    x = visual._embeds(images.to(visual.conv1.weight.dtype))
+    if not first:
+        x = x.transpose(0, 1)
+    out = []
+    for i, block in enumerate(blocks):
+        x = block(x)
+        if i + 1 in wanted:
+            out.append((x if first else x.transpose(0, 1))[:, 1:].float())
+    x = x if first else x.transpose(0, 1)
+    pooled, _ = visual._pool(x)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    return out, F.normalize(pooled.float(), dim=-1)

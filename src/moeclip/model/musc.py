@@ -43,6 +43,7 @@ from torch import nn
 
 from ..errors import MoECLIPError
 from ..precision import resolve_device
+from .backbone import extract_tokens
 
 __all__ = ["MUSC_LEVELS", "MUSC_RADII", "RSCIN_WINDOWS", "INTERVAL", "default_levels", "check_levels",
            "extract_tokens", "lnamd", "mutual_scoring", "sample_others", "mutual_patch_scores", "upsample",
@@ -83,33 +84,6 @@ def check_levels(levels: Optional[Sequence[int]], depth: int) -> List[int]:
 
 def _visual(clip: nn.Module) -> nn.Module:
     return clip.visual if hasattr(clip, "visual") else clip
-
-
-@torch.no_grad()
-def extract_tokens(clip: nn.Module, images: torch.Tensor, levels: Sequence[int]
-                   ) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """Frozen tower -> (per level the patch tokens (B, L, C) after that block, CLS dropped; the class embedding).
-
-    Tokens are the residual stream as the block leaves it (no ``ln_post``), as MuSc reads them. The
-    class embedding is CLIP's image embedding (last block's CLS, ``ln_post``, ``proj``), L2-normalised.
-    """
-    visual = _visual(clip)
-    blocks = visual.transformer.resblocks
-    first = getattr(visual.transformer, "batch_first", True)
-    wanted = set(int(v) for v in levels)
-    x = visual._embeds(images.to(visual.conv1.weight.dtype))
-    if not first:
-        x = x.transpose(0, 1)
-    out = []
-    for i, block in enumerate(blocks):
-        x = block(x)
-        if i + 1 in wanted:
-            out.append((x if first else x.transpose(0, 1))[:, 1:].float())
-    x = x if first else x.transpose(0, 1)
-    pooled, _ = visual._pool(x)
-    if visual.proj is not None:
-        pooled = pooled @ visual.proj
-    return out, F.normalize(pooled.float(), dim=-1)
 
 
 # ---------------------------------------------------------------------------- LNAMD
