@@ -148,3 +148,14 @@ def test_bad_flags_are_one_line_errors(golden_run, tmp_path, capsys, extra, mess
 def test_musc_flags_need_transductive(golden_run, tmp_path, capsys):
     assert main(["predict", "--mutual-images", "3", "--out", str(tmp_path / "o"), str(golden_run["imgs"])]) == 2
     assert "need --transductive" in capsys.readouterr().err
+
+
+def test_weights_of_another_architecture_are_a_clear_error(golden_run, tiny_clip_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = musc_args(golden_run, golden_run["imgs"], out=out)
+    args[args.index("--clip-model") + 1] = str(tiny_clip_config)  # 4 blocks of width 64: not the fixture's tower
+    args[args.index("--levels") + 1] = "1,2,3,4"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "clip_vision.safetensors" in err and "do not match" in err
+    assert not out.exists()
