@@ -16,9 +16,11 @@ does not. MuSc needs no training and no text, only a frozen ViT and a batch:
   images by class embedding, averaged over the windows k.
 
 Numbers follow the official code (xrli-U/MuSc @ b76b93d), checked by ``tests/test_golden_musc.py``.
-Where it differs from the paper or fails, this module says so:
+Details of the official code that the paper leaves open, followed here, and what this module does where
+the official code fails:
 
-- the patch distance is the Euclidean distance between L2-normalised features (``torch.cdist``);
+- the patch distance is the Euclidean distance between L2-normalised features (the official
+  ``torch.cdist``; here ``|x|^2 + |y|^2 - 2 x.y`` by one matrix product, as cdist computes it);
 - the class embedding is the CLS token of the *last* block, ``ln_post`` and ``proj`` (CLIP's image
   embedding), L2-normalised, whatever levels are read;
 - the map maximum is taken on the upsampled map;
@@ -26,6 +28,11 @@ Where it differs from the paper or fails, this module says so:
   GELU, and loads the OpenAI weights into it (positional embedding resized bicubically), which is
   what :mod:`moeclip.model.backbone` does by default; at the native 336 px it would load OpenAI's
   QuickGELU model (``quick_gelu=True``, ``--quick-gelu``);
+- pre-processing is the official one and moeclip's: bicubic resize of the whole image to S x S, CLIP
+  mean/std (its vendored open_clip squashes, then centre-crops a no-op);
+- precision: on a GPU the official code runs the tower under fp16 autocast; this module computes in
+  fp32 everywhere (the golden fixture is the official code's fp32 CPU run);
+- the official RsCIN windows depend on the dataset: 1, 2, 3 (MVTec AD, BTAD), 1, 8, 9 (VisA);
 - small batches: the official ``int(0.3 * (N - 1))`` is 0 below 5 images (mean of nothing: NaN,
   MuSc issue #41); here at least one other image is averaged. RsCIN windows larger than the batch
   are clamped to it (the official code raises), and a batch whose map maxima are all equal gets
