@@ -19,6 +19,10 @@ for an object without references), ``zero_shot_raw_score``, ``zero_shot_map_max`
 ``zero_shot_score`` and ``few_shot_map_max``; ``score``, ``raw_score``, ``map_max`` and the map are
 then the fused ones, on the zero-shot raw scales (``moeclip.model.fusion.fused_raw``).
 
+With ``--transductive --scoring musc`` (training-free, no checkpoint) each object's images are scored as
+one batch by MuSc (:mod:`moeclip.inference.transductive`): ``raw_score`` is the RsCIN image score, the map
+MuSc's own, and each line adds ``transductive`` (the batch size N) and ``scoring`` ("musc").
+
 Objects: ``--object DESC`` for every image; ``--object KEY=DESC`` (repeatable) and
 ``--class-map FILE`` (JSON ``{"KEY": "DESC"}`` or ``KEY: DESC`` lines) for mixed folders, where
 KEY is a sub-folder name or a glob pattern matched against the path below the given folder
@@ -33,7 +37,7 @@ from pathlib import Path
 from ..errors import MoECLIPError
 from ..integrations.ray import add_ray_args
 from . import openvino
-from .common import add_bank_args, add_domain_arg, add_model_args, model_options
+from .common import add_bank_args, add_domain_arg, add_model_args, int_list, model_options
 
 
 def register(subparsers) -> None:
@@ -72,10 +76,71 @@ def register(subparsers) -> None:
                     help="normal reference images of the object (folder, glob or file); KEY=... for the object "
                          "of an --object KEY=DESC / --class-map rule (repeatable)")
     add_bank_args(fs)
+    add_transductive_args(p)
     add_model_args(p, checkpoint_required=False)
     add_ray_args(p)
     openvino.add_predict_args(p)
     p.set_defaults(func=run)
+
+
+def add_transductive_args(p: argparse.ArgumentParser) -> None:
+    tr = p.add_argument_group("transductive (the unlabeled batch itself; see README 'Transductive scoring (MuSc)')")
+    tr.add_argument("--transductive", action="store_true",
+                    help="score each image against the other images of the same object in this run (2 or more)")
+    tr.add_argument("--scoring", choices=("musc",), default=None,
+                    help="musc (default): MuSc's mutual scoring on the frozen CLIP tower, training-free "
+                         "(no --checkpoint; --clip-model/--clip-weights/--image-size/--levels choose the tower)")
+    tr.add_argument("--rscin", type=int_list, metavar="K,..",
+                    help="RsCIN windows re-scoring the image scores (default 1,2,3; 0: map maximum as is)")
+    tr.add_argument("--mutual-images", type=int, metavar="M",
+                    help="compare each image with at most M others (default: all), drawn with --mutual-seed")
+    tr.add_argument("--mutual-seed", type=int, default=0, metavar="S", help="which M others (default 0)")
+
+
+def transductive_spec(args: argparse.Namespace):
+    """The MuSc scorer's :class:`~moeclip.inference.transductive.MuScSpec` from the flags (with the checks)."""
+    from ..inference.transductive import MuScSpec
+
+    clashing = [flag for flag, given in (("--checkpoint", args.checkpoint), ("--deploy", args.deploy),
+                                         ("--onnx", args.onnx), ("--openvino", getattr(args, "openvino", None)),
+                                         ("--reference", args.reference), ("--ray", args.ray is not None),
+                                         ("--pixel-threshold", args.pixel_threshold is not None)) if given]
+    adapter = sorted(set(model_options(args)) - {"clip_model", "clip_weights", "image_size", "quick_gelu", "levels"})
+    clashing += ["--" + name.replace("_", "-") for name in adapter]
+    if clashing:
+        raise MoECLIPError("--transductive --scoring musc is training-free on the frozen CLIP: "
+                           f"drop {', '.join(clashing)}")
+    if args.precision != "fp32":
+        raise MoECLIPError("--transductive --scoring musc runs in fp32 (drop --precision)")
+    return MuScSpec(clip_model=args.clip_model or "ViT-L-14-336",
+                    clip_weights="openai" if args.clip_weights is None else args.clip_weights,
+                    image_size=args.image_size or 518, quick_gelu=bool(args.quick_gelu), levels=args.levels,
+                    windows=tuple(args.rscin or (1, 2, 3)), mutual_images=args.mutual_images, seed=args.mutual_seed,
+                    device=args.device, batch_size=args.batch_size)
+
+
+def run_transductive(args: argparse.Namespace) -> int:
+    """``predict --transductive``: every object group of the inputs is one batch (moeclip.inference.transductive)."""
+    from ..data.imageio import DEFAULT_MAX_PIXELS
+    from ..inference.pipeline import ObjectRules, ResultWriter, expand_inputs
+    from ..inference.transductive import MuScPostProcessor, check_batch
+    from ..inference.transductive import run_transductive as run_batches
+
+    spec = transductive_spec(args)
+    out = Path(args.out)
+    jobs = expand_inputs(args.inputs, exclude=out)
+    if not jobs:
+        raise MoECLIPError("no input images found")
+    ObjectRules.from_args(args.object, args.class_map).assign(jobs)
+    check_batch(jobs)
+    scorer = spec.build()  # before the output folder: a bad model flag writes nothing
+    writer = ResultWriter(out, overwrite=args.overwrite, resume=args.resume, maps=not args.no_maps,
+                          overlays=not args.no_overlays, masks=False)
+    post = MuScPostProcessor(domain=args.domain or "industrial", threshold=args.threshold)
+    summary = run_batches(jobs, scorer, post, writer, workers=args.workers,
+                          max_pixels=args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS)
+    print(summary.line(post.threshold) + f" -> {writer.results}")
+    return summary.exit_code
 
 
 def reference_pairs(args: argparse.Namespace):
@@ -124,6 +189,10 @@ def run(args: argparse.Namespace) -> int:
         raise MoECLIPError("--batch-size and --workers must be at least 1")
     if args.overwrite and args.resume:
         raise MoECLIPError("--overwrite and --resume exclude each other")
+    if args.transductive:
+        return run_transductive(args)
+    if args.scoring or args.rscin or args.mutual_images is not None:
+        raise MoECLIPError("--scoring, --rscin and --mutual-images need --transductive")
     if args.ray is not None:  # the same run on a Ray cluster: moeclip.integrations.ray
         from ..integrations.ray import predict_from_args
 

@@ -6,9 +6,10 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._imports import import_open_clip
@@ -212,3 +213,49 @@ def vision_dims(clip: nn.Module) -> Dict[str, int]:
         "text_width": int(clip.ln_final.normalized_shape[0]),
         "patch_size": int(visual.conv1.kernel_size[0]),
     }
+
+
+def create_vision_clip(cfg: BackboneConfig) -> nn.Module:
+    """:func:`create_clip` for vision-only callers (MuSc): a weight file may hold just ``visual.*``.
+
+    The text tower then keeps its random initialisation; nothing that reads only the vision tower
+    can tell.
+    """
+    pretrained = cfg.pretrained
+    if pretrained and Path(pretrained).is_file():
+        state = read_weight_file(pretrained)
+        if state and all(k.startswith("visual.") for k in state):
+            model = _build_architecture(cfg)
+            own = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
+            load_weights_into(model, {**own, **state}, str(pretrained))
+            freeze(model)
+            return model
+    return create_clip(cfg)
+
+
+@torch.no_grad()
+def extract_tokens(clip: nn.Module, images: torch.Tensor, levels: Sequence[int]
+                   ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Frozen tower -> (per level the patch tokens (B, L, C) after that block, CLS dropped; the class embedding).
+
+    ``levels`` are 1-based block outputs. Tokens are the residual stream as the block leaves it (no
+    ``ln_post``), as MuSc (:mod:`moeclip.model.musc`) reads them. The class embedding is CLIP's image
+    embedding (last block's CLS, ``ln_post``, ``proj``), L2-normalised, whatever levels are read.
+    """
+    visual = clip.visual if hasattr(clip, "visual") else clip
+    blocks = visual.transformer.resblocks
+    first = getattr(visual.transformer, "batch_first", True)
+    wanted = set(int(v) for v in levels)
+    x = visual._embeds(images.to(visual.conv1.weight.dtype))
+    if not first:
+        x = x.transpose(0, 1)
+    out = []
+    for i, block in enumerate(blocks):
+        x = block(x)
+        if i + 1 in wanted:
+            out.append((x if first else x.transpose(0, 1))[:, 1:].float())
+    x = x if first else x.transpose(0, 1)
+    pooled, _ = visual._pool(x)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    return out, F.normalize(pooled.float(), dim=-1)
