@@ -14,10 +14,9 @@ from PIL import Image
 from moeclip.cli import main
 from moeclip.data.transforms import preprocess_image
 from moeclip.inference.detector import Detector
-from moeclip.inference.postprocess import map_probability, resize_map
+from moeclip.inference.postprocess import resize_map
 from moeclip.model.checkpoint import load_model
 from moeclip.model.fewshot import build_bank, predict_with_bank
-from moeclip.model.fusion import fuse
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +53,21 @@ def test_detector_with_references_matches_the_fusion_rule(ckpt, files):
     x = preprocess_image(Image.open(img).convert("RGB"), 64)[None]
     out = predict_with_bank(model, x, model.text_features("screw"), bank)
     zs, fs, s = out["anomaly_map"][0].numpy(), out["few_shot_map"][0].numpy(), float(out["image_score"][0])
-    want = fuse(zs, fs, s, 12, "industrial", 0.3)
-    assert pred.score == pytest.approx(want.score, abs=1e-5)
+    st = bank.stats  # leave-one-out over the 3 references
+    fused = st.zero_shot.center + st.zero_shot.scale * (
+        0.7 * (zs.astype(np.float64) - st.zero_shot.center) / st.zero_shot.scale
+        + 0.3 * (fs - st.few_shot.center) / st.few_shot.scale)
     assert pred.extra["references"] == 3
     assert pred.extra["zero_shot_raw_score"] == pytest.approx(s, abs=1e-6)
-    assert pred.extra["few_shot_map_max"] == pytest.approx(want.few_shot_map_max, abs=1e-6)
-    assert pred.extra["zero_shot_map_max"] == pytest.approx(want.zero_shot_map_max, abs=1e-4)
-    # the map comes back on the raw scale: its probability is the fused map, at the image's size
+    assert pred.extra["few_shot_map_max"] == pytest.approx(float(fs.max()), rel=1e-5)
+    assert pred.extra["zero_shot_map_max"] == pytest.approx(float(zs.max()), rel=1e-5)
+    # the fused map in zero-shot raw units, at the image's size; the score is the zero-shot rule on it
     assert pred.anomaly_map.shape == (48, 80)
-    np.testing.assert_allclose(map_probability(pred.anomaly_map, 12), resize_map(want.anomaly_map, (48, 80)),
-                               atol=2e-3)
-    assert float(map_probability(pred.map_max, 12)) == pytest.approx(want.map_max, abs=1e-5)
+    scale = np.abs(fused).max()
+    np.testing.assert_allclose(pred.anomaly_map, resize_map(fused, (48, 80)), atol=1e-5 * scale, rtol=0)
+    assert pred.map_max == pytest.approx(float(fused.max()), rel=1e-5)
+    prob = 1 / (1 + np.exp(-(2 * fused.max() / 12 - 1)))
+    assert pred.score == pytest.approx(0.5 * prob + 0.5 * s, abs=1e-6)
     # another object has no bank: zero-shot, as a detector without references
     plain = Detector.from_checkpoint(ckpt, device="cpu").predict([img], object="nut")[0]
     other = det.predict([img], object="nut")[0]
@@ -165,14 +168,25 @@ def test_calibrate_leave_one_out_then_predict_with_the_deployment(ckpt, files, t
     full = bank_from_images(det.model, pils, "screw", names=names)
     maps, scores, _ = FusedScorer(det, full, 0.5, leave_one_out=True).raw(pils, "screw", "industrial")
     maps, scores = torch.from_numpy(maps), torch.from_numpy(scores)
+    from moeclip.model.fusion import fused_raw
+
     for i in range(3):
         others = [p for j, p in enumerate(refs) if j != i]
         want = Detector.from_checkpoint(ckpt, device="cpu").with_references(others, object="screw")
         raw = want.runtime().raw([pils[i]], "screw", "industrial")
+        # the few-shot part against the others only, fused with the full bank's statistics (the deployment's)
+        fs = raw[2]["few_shot_map_max"][0]
+        assert fs > 1e-3  # not compared with itself
+        det_full = Detector.from_checkpoint(ckpt, device="cpu")
+        with torch.inference_mode():
+            x = torch.stack([preprocess_image(pils[i], 64)])
+            out = predict_with_bank(det_full.model, x, det_full.text_features("screw"),
+                                    want.references.get("screw"))
+        m, s = fused_raw(out["anomaly_map"].numpy(), out["few_shot_map"].numpy(), out["image_score"].numpy(),
+                         full.stats, 0.5)
         # a batch of 3 vs 1: float32 of another batch grouping, relative to the map's magnitude
-        assert_f32_close(maps[i], raw[0][0])
-        assert_f32_close(scores[i], raw[1][0], scale=1.0)
-        assert raw[2]["few_shot_map_max"][0] > 1e-3  # not compared with itself
+        assert_f32_close(maps[i], m[0])
+        assert_f32_close(scores[i], s[0], scale=1.0)
     # the CLI: deployment + bank beside it; predict --deploy then scores few-shot
     dep_path = tmp_path / "deploy.json"
     assert main(["calibrate", "--checkpoint", str(ckpt), "--device", "cpu", "--normal", str(files / "refs"),
