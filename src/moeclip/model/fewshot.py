@@ -317,9 +317,10 @@ def reference_stats(features: Sequence[torch.Tensor], text: torch.Tensor, grid: 
     text = text.to(feats[0].device, torch.float32)
     zs = anomaly_map(feats, text, grid, size, domain).float()
     loo = []
-    for k in range(K):
-        others = [torch.cat([f[j] for j in range(K) if j != k]) for f in feats]
-        loo.append(sum(nearest_distance(f[k], b, chunk_elements) for f, b in zip(feats, others)) / len(feats))
+    for k in range(K):  # the nearest of the others = the min over each other reference's nearest (no copy)
+        per_map = [torch.stack([nearest_distance(f[k], f[j], chunk_elements) for j in range(K) if j != k]).amin(0)
+                   for f in feats]
+        loo.append(sum(per_map) / len(feats))
     fs = smooth_patch_map(torch.stack(loo), grid, size, domain).float()
     return ReferenceStats(robust_stats(zs.cpu().numpy()), robust_stats(fs.cpu().numpy()), Domain.parse(domain).value)
 
