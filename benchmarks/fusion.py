@@ -14,9 +14,11 @@ Adapted from the issue's probe (``spec/probes/fusion_probe.py``). For each held-
   (image score ``0.5 max + 0.25 s + 0.25 max F``);
 * ``fused``: the product's rule (``moeclip.model.fusion.fused_raw``, the bank's leave-one-out
   statistics, ``--reference-weight 0.5``); image score the zero-shot rule on the fused map;
-* ``fused (batch stats)``: the same rule standardising by the test batch's median/MAD instead
+* ``fused, batch median/MAD``: the same rule standardising by the test batch's median/MAD instead
   of the references (what the rule does with a single reference);
-* ``fused (mean/std)``: the probe's variant, mean/std of the leave-one-out evidence;
+* ``fused, LOO mean/std``: the probe's variant, mean/std of the leave-one-out evidence;
+* ``fused, LOO q99 - median``: the scale taken from the upper tail of the same evidence;
+* ``fused (product), w = 0.25 / 0.75``: other ``--reference-weight`` values (not the default);
 * ``zero-shot + mutual``, ``zero-shot + few-shot + mutual``: ``fusion.fuse`` with equal
   weights, the mutual map standardised by the batch (it has no reference evidence).
 
@@ -67,7 +69,7 @@ def main() -> None:
     from moeclip.inference.detector import Detector
     from moeclip.inference.postprocess import image_score as zs_image_score
     from moeclip.model.domain import Domain
-    from moeclip.model.fewshot import build_bank, nearest_distance
+    from moeclip.model.fewshot import build_bank, extract_features, nearest_distance
     from moeclip.model.fusion import SignalStats, fuse, fused_raw, robust_stats, to_scale
     from moeclip.model.scoring import anomaly_map, image_score, smooth_patch_map
 
@@ -76,6 +78,8 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--seeds", default="0-7", help="seeds of the reference draw: 0-7 or 0,1,2")
     ap.add_argument("--weight", type=float, default=0.5, help="--reference-weight of the fused rules")
+    ap.add_argument("--object", default="object",
+                    help="object description (the demo prompts every category as 'object')")
     ap.add_argument("--keep", type=float, default=0.3, help="mutual: fraction of the smallest distances averaged")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
@@ -115,7 +119,7 @@ def main() -> None:
                 masks.append(np.zeros((size, size), bool))
         masks = np.stack(masks)
         normals = sorted(glob.glob(str(root / "train" / "good" / "*.png")))
-        text = det.text_features(cls)
+        text = det.text_features(a.object)
         with torch.inference_mode():
             out = model.encode_image(load(tests), compute_losses=False)
             feats = [f.float() for f in out.seg_features]
@@ -132,14 +136,13 @@ def main() -> None:
         ref_images = load(normals)
         for seed in seeds:
             pick = sorted(np.random.default_rng(seed).choice(len(normals), a.shots, replace=False).tolist())
-            bank = build_bank(model, ref_images[pick], cls, text=text, domain=dom)
+            bank = build_bank(model, ref_images[pick], a.object, text=text, domain=dom)
             with torch.inference_mode():
                 F = bank.anomaly_map(feats, grid, (size, size), dom).numpy()
             st = bank.stats
             fmax = F.reshape(B, -1).max(1)
             # the probe's mean/std variant of the same leave-one-out evidence
             L = grid[0] * grid[1]
-            from moeclip.model.fewshot import extract_features
             rf, _, K = extract_features(model, ref_images[pick])
             rf = [f.reshape(K, L, -1) for f in rf]
             with torch.inference_mode():
@@ -148,10 +151,14 @@ def main() -> None:
                        for k in range(K)]
                 fr = smooth_patch_map(torch.stack(loo), grid, (size, size), dom).numpy()
             ms_z, ms_f = SignalStats(zr.mean(), zr.std()), SignalStats(fr.mean(), fr.std())
+            tz = SignalStats(np.median(zr), np.quantile(zr, 0.99) - np.median(zr))
+            tf = SignalStats(np.median(fr), np.quantile(fr, 0.99) - np.median(fr))
 
             fused, s_f = fused_raw(Z, F, S, st, w)
             fused_b, _ = fused_raw(Z, F, S, None, w)
             fused_ms = to_scale(fuse([(Z, ms_z, 1 - w), (F, ms_f, w)]), ms_z)
+            fused_tail = to_scale(fuse([(Z, tz, 1 - w), (F, tf, w)]), tz)
+            f25, f75 = fused_raw(Z, F, S, st, 0.25)[0], fused_raw(Z, F, S, st, 0.75)[0]
             shipped = (1 - w) * prob(Z) + w * F
             zu = to_scale(fuse([(Z, robust_stats(Z), 1.0), (U, None, 1.0)]), robust_stats(Z))
             zfu = to_scale(fuse([(Z, st.zero_shot, 1.0), (F, st.few_shot, 1.0), (U, None, 1.0)]), st.zero_shot)
@@ -167,6 +174,9 @@ def main() -> None:
                 "fused (product, LOO median/MAD)": (fused, zs_score(mx(fused), s_f)),
                 "fused, batch median/MAD": (fused_b, zs_score(mx(fused_b), S)),
                 "fused, LOO mean/std (probe)": (fused_ms, zs_score(mx(fused_ms), S)),
+                "fused, LOO q99 - median": (fused_tail, zs_score(mx(fused_tail), S)),
+                "fused (product), w = 0.25": (f25, zs_score(mx(f25), S)),
+                "fused (product), w = 0.75": (f75, zs_score(mx(f75), S)),
                 "zero-shot + mutual": (zu, zs_score(mx(zu), S)),
                 "zero-shot + few-shot + mutual": (zfu, zs_score(mx(zfu), S)),
             }
