@@ -138,6 +138,8 @@ def test_serve_references(ckpt, files):
         r = c.post("/references", files=refs, data={"object": "nut"})
         assert r.status_code == 200, r.text
         assert r.json()["references"] == 2 and r.json()["objects"][0]["object"] == "nut"
+        stats = r.json()["objects"][0]["normal_stats"]  # leave-one-out over the 2 references
+        assert stats["domain"] == "industrial" and stats["few_shot"]["scale"] > 0 and stats["zero_shot"]["scale"] > 0
         after = c.post("/predict", files={"image": ("t.png", test_img, "image/png")}, data={"object": "nut"}).json()
         assert after["references"] == 2 and after["zero_shot_score"] == pytest.approx(before["score"], abs=1e-5)
         # the same as the Python API with the same references

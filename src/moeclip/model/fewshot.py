@@ -376,4 +376,5 @@ def predict_with_bank(model, images: torch.Tensor, text: torch.Tensor, bank: Opt
 def bank_summary(bank: MemoryBank) -> Dict[str, object]:
     """What ``GET /references`` and logs show of a bank."""
     return {"object": bank.object, "references": bank.num_references, "entries_per_map": int(bank.features[0].shape[0]),
-            "dtype": str(bank.dtype).replace("torch.", ""), "bytes": bank.nbytes, "fingerprint": bank.fingerprint}
+            "dtype": str(bank.dtype).replace("torch.", ""), "bytes": bank.nbytes, "fingerprint": bank.fingerprint,
+            "normal_stats": None if bank.stats is None else json.loads(bank.stats.to_json())}
