@@ -246,3 +246,25 @@ def test_onnx_export_bakes_the_bank_in(ckpt, files, tmp_path):
     a = json.loads((tmp_path / "po" / "results.jsonl").read_text().splitlines()[0])
     b = json.loads((tmp_path / "pd" / "results.jsonl").read_text().splitlines()[0])
     assert_f32_close(a["score"], b["score"], scale=1.0)
+
+
+def test_one_reference_uses_the_batch_statistics_and_cannot_be_exported(ckpt, files, tmp_path, capsys):
+    require_extra("onnx")
+    from moeclip.model.fusion import fused_raw
+
+    one = files / "refs" / "r0.png"
+    det = Detector.from_checkpoint(ckpt, device="cpu").with_references([one], object="screw")
+    assert det.references.get("screw").stats is None  # nothing to leave out
+    imgs = [Image.open(files / "test" / "screw" / "a.png").convert("RGB"), Image.open(one).convert("RGB")]
+    maps = det.runtime().raw(imgs, "screw", "industrial")[0]
+    with torch.inference_mode():
+        x = torch.stack([preprocess_image(i, 64) for i in imgs])
+        out = predict_with_bank(det.model, x, det.text_features("screw"), det.references.get("screw"))
+    want = fused_raw(out["anomaly_map"].numpy(), out["few_shot_map"].numpy(), out["image_score"].numpy(), None)[0]
+    assert_f32_close(maps, want)
+    dep = tmp_path / "d.json"
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--device", "cpu", "--normal", str(files / "test"),
+                 "--object", "screw", "--reference", str(one), "--out", str(dep)]) == 0
+    assert main(["export", "onnx", "--deploy", str(dep), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "needs at least 2 reference images" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
