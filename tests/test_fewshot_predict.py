@@ -268,3 +268,13 @@ def test_one_reference_uses_the_batch_statistics_and_cannot_be_exported(ckpt, fi
     assert main(["export", "onnx", "--deploy", str(dep), "--out", str(tmp_path / "m.onnx")]) == 2
     assert "needs at least 2 reference images" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_weight_zero_is_the_zero_shot_prediction(ckpt, files):
+    """``--reference-weight 0``: the fused map written back in zero-shot units is the zero-shot map itself."""
+    img = files / "test" / "screw" / "a.png"
+    plain = Detector.from_checkpoint(ckpt, device="cpu").predict([img], object="screw")[0]
+    zero = Detector.from_checkpoint(ckpt, device="cpu").with_references(files / "refs", object="screw", weight=0.0)
+    got = zero.predict([img], object="screw")[0]
+    np.testing.assert_allclose(got.anomaly_map, plain.anomaly_map, atol=1e-6 * np.abs(plain.anomaly_map).max(), rtol=0)
+    assert got.score == pytest.approx(plain.score, abs=1e-6) and got.extra["references"] == 3
