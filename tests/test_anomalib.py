@@ -137,8 +137,40 @@ def test_model_options_and_few_shot_are_checked(ckpt):
 
     with pytest.raises(MoECLIPError, match="unknown model option"):
         MoEClip(checkpoint=ckpt, no_such_flag=1)
-    with pytest.raises(MoECLIPError, match="few-shot"):
-        MoEClip(checkpoint=ckpt, k_shot=2)
+    for k in (1, -1):
+        with pytest.raises(MoECLIPError, match="k_shot must be 0"):
+            MoEClip(checkpoint=ckpt, k_shot=k)
+    with pytest.raises(MoECLIPError, match="reference-weight"):
+        MoEClip(checkpoint=ckpt, k_shot=2, reference_weight=2.0)
+
+
+def test_k_shot_draws_training_normals_and_equals_predict_reference(ckpt, synth, tmp_path):
+    """``MoEClip(k_shot=2)``: the references are the datamodule's training normals (the draw of
+    ``moeclip test --shots 2``), and the maps are ``moeclip predict --reference``'s with them."""
+    from moeclip.data.references import draw_shots
+
+    model = MoEClip(checkpoint=ckpt, k_shot=2, reference_weight=0.4, post_processor=False, evaluator=False,
+                    visualizer=False)
+    dm = MVTecAD(root=synth, category=CATEGORY, eval_batch_size=4, num_workers=0)
+    preds = engine(tmp_path / "engine").predict(model=model, datamodule=dm)
+    pool = sorted((synth / CATEGORY / "train" / "good").glob("*.png"))
+    assert model.references == [str(p) for p in draw_shots(pool, 2, 0)]
+    paths = [p for b in preds for p in b.image_path]
+    maps = torch.cat([b.anomaly_map for b in preds]).numpy().reshape(len(paths), SIZE, SIZE)
+    scores = torch.cat([b.pred_score.reshape(-1) for b in preds]).numpy()
+    assert len(paths) == 12 and len(pool) == 2  # the fixture's two training normals: --reference their folder
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(ckpt), "--device", "cpu", *paths, "--out", str(out),
+                 "--object", model.model.object, "--reference", str(pool[0].parent), "--reference-weight", "0.4"]) == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    rows = {str(Path(r["path"]).resolve()): r for r in map(json.loads, lines)}
+    for path, m, s in zip(paths, maps, scores):
+        row = rows[str(Path(path).resolve())]
+        ref = np.load(out / row["map"])
+        assert row["references"] == 2
+        np.testing.assert_allclose(m, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+        assert s == pytest.approx(row["score"], abs=1e-5)
+        assert s == pytest.approx(row["score"], abs=1e-5)
 
 
 def test_pre_processor_is_moeclip_preprocessing(ckpt):

@@ -1,4 +1,4 @@
-"""Few-shot memory bank: exact nearest neighbours, self-reference, coreset, fp16, files, fusion."""
+"""Few-shot memory bank: exact nearest neighbours, self-reference, coreset, fp16, files (fusion: test_fusion.py)."""
 from __future__ import annotations
 
 import math
@@ -20,7 +20,6 @@ from moeclip.model.fewshot import (
     nearest_distance,
     predict_with_bank,
 )
-from moeclip.model.fusion import fuse, fuse_maps
 
 
 @pytest.fixture(scope="module")
@@ -178,21 +177,6 @@ def test_fingerprint_ignores_low_precision_cast(tiny_ckpt):
     assert model_fingerprint(a) == model_fingerprint(b)
 
 
-def test_fusion_rule():
-    zs = np.array([[0.0, 6.0], [12.0, 18.0]], dtype=np.float32)  # raw sums over 12 maps
-    fs = np.array([[0.0, 0.1], [0.2, 0.4]], dtype=np.float32)
-    p = 1 / (1 + np.exp(-(2 * zs / 12 - 1)))
-    np.testing.assert_allclose(fuse_maps(zs, fs, 12, 0.25), 0.75 * p + 0.25 * fs, rtol=1e-6)
-    r = fuse(zs, fs, 0.3, 12, "industrial", 0.5)
-    m = 0.5 * p + 0.5 * fs
-    assert r.map_max == pytest.approx(m.max(), rel=1e-6)
-    assert r.score == pytest.approx(0.5 * m.max() + 0.5 * (0.3 + 0.4) / 2, rel=1e-6)
-    assert (r.zero_shot_map_max, r.zero_shot_score, r.few_shot_map_max) == (18.0, 0.3, pytest.approx(0.4))
-    assert fuse(zs, fs, 0.3, 12, "medical").score == pytest.approx(m.max(), rel=1e-6)
-    with pytest.raises(MoECLIPError, match="reference-weight"):
-        fuse_maps(zs, fs, 12, 1.5)
-
-
 def test_reference_banks_from_files_and_folder_round_trip(model, tmp_path):
     from PIL import Image
 
@@ -225,19 +209,3 @@ def test_reference_banks_from_files_and_folder_round_trip(model, tmp_path):
     assert back.weight == 0.3 and back.get("nut").dtype == torch.float16
     with pytest.raises(MoECLIPError, match="no memory bank files"):
         ReferenceBanks.load(tmp_path / "nothing")
-
-
-def test_fused_raw_reads_back_through_the_zero_shot_rule():
-    from moeclip.model.fusion import fused_raw
-
-    rng = np.random.default_rng(0)
-    zs = rng.uniform(0, 12, (2, 5, 5)).astype(np.float32)
-    fs = rng.uniform(0, 0.6, (2, 5, 5)).astype(np.float32)
-    s = np.array([0.2, 0.7], dtype=np.float32)
-    maps, scores = fused_raw(zs, fs, s, 12, 0.4)
-    prob = 1 / (1 + np.exp(-(2 * maps.astype(np.float64) / 12 - 1)))
-    for i in range(2):
-        direct = fuse(zs[i], fs[i], float(s[i]), 12, "industrial", 0.4)
-        np.testing.assert_allclose(prob[i], direct.anomaly_map, atol=2e-6)
-        rule = float(Domain.parse("industrial").combine(prob[i].max(), scores[i]))
-        assert rule == pytest.approx(direct.score, abs=2e-6)

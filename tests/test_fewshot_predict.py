@@ -14,10 +14,9 @@ from PIL import Image
 from moeclip.cli import main
 from moeclip.data.transforms import preprocess_image
 from moeclip.inference.detector import Detector
-from moeclip.inference.postprocess import map_probability, resize_map
+from moeclip.inference.postprocess import resize_map
 from moeclip.model.checkpoint import load_model
 from moeclip.model.fewshot import build_bank, predict_with_bank
-from moeclip.model.fusion import fuse
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +53,21 @@ def test_detector_with_references_matches_the_fusion_rule(ckpt, files):
     x = preprocess_image(Image.open(img).convert("RGB"), 64)[None]
     out = predict_with_bank(model, x, model.text_features("screw"), bank)
     zs, fs, s = out["anomaly_map"][0].numpy(), out["few_shot_map"][0].numpy(), float(out["image_score"][0])
-    want = fuse(zs, fs, s, 12, "industrial", 0.3)
-    assert pred.score == pytest.approx(want.score, abs=1e-5)
+    st = bank.stats  # leave-one-out over the 3 references
+    fused = st.zero_shot.center + st.zero_shot.scale * (
+        0.7 * (zs.astype(np.float64) - st.zero_shot.center) / st.zero_shot.scale
+        + 0.3 * (fs - st.few_shot.center) / st.few_shot.scale)
     assert pred.extra["references"] == 3
     assert pred.extra["zero_shot_raw_score"] == pytest.approx(s, abs=1e-6)
-    assert pred.extra["few_shot_map_max"] == pytest.approx(want.few_shot_map_max, abs=1e-6)
-    assert pred.extra["zero_shot_map_max"] == pytest.approx(want.zero_shot_map_max, abs=1e-4)
-    # the map comes back on the raw scale: its probability is the fused map, at the image's size
+    assert pred.extra["few_shot_map_max"] == pytest.approx(float(fs.max()), rel=1e-5)
+    assert pred.extra["zero_shot_map_max"] == pytest.approx(float(zs.max()), rel=1e-5)
+    # the fused map in zero-shot raw units, at the image's size; the score is the zero-shot rule on it
     assert pred.anomaly_map.shape == (48, 80)
-    np.testing.assert_allclose(map_probability(pred.anomaly_map, 12), resize_map(want.anomaly_map, (48, 80)),
-                               atol=2e-3)
-    assert float(map_probability(pred.map_max, 12)) == pytest.approx(want.map_max, abs=1e-5)
+    scale = np.abs(fused).max()
+    np.testing.assert_allclose(pred.anomaly_map, resize_map(fused, (48, 80)), atol=1e-5 * scale, rtol=0)
+    assert pred.map_max == pytest.approx(float(fused.max()), rel=1e-5)
+    prob = 1 / (1 + np.exp(-(2 * fused.max() / 12 - 1)))
+    assert pred.score == pytest.approx(0.5 * prob + 0.5 * s, abs=1e-6)
     # another object has no bank: zero-shot, as a detector without references
     plain = Detector.from_checkpoint(ckpt, device="cpu").predict([img], object="nut")[0]
     other = det.predict([img], object="nut")[0]
@@ -93,7 +96,7 @@ def test_predict_reference_flags_and_results(ckpt, files, tmp_path):
     want = det.predict([files / "test" / "screw" / "a.png"], object="a screw")[0]
     assert rows["a.png"]["score"] == pytest.approx(want.score, abs=1e-5)
     raw = np.load(out / "maps" / "a.npy")
-    np.testing.assert_allclose(raw, want.anomaly_map, atol=1e-4)
+    np.testing.assert_allclose(raw, want.anomaly_map, atol=1e-5 * np.abs(want.anomaly_map).max(), rtol=0)
     # one folder of references for every image
     out2 = tmp_path / "out2"
     assert main(["predict", "--checkpoint", str(ckpt), "--device", "cpu", str(files / "test"), "--out", str(out2),
@@ -135,6 +138,8 @@ def test_serve_references(ckpt, files):
         r = c.post("/references", files=refs, data={"object": "nut"})
         assert r.status_code == 200, r.text
         assert r.json()["references"] == 2 and r.json()["objects"][0]["object"] == "nut"
+        stats = r.json()["objects"][0]["normal_stats"]  # leave-one-out over the 2 references
+        assert stats["domain"] == "industrial" and stats["few_shot"]["scale"] > 0 and stats["zero_shot"]["scale"] > 0
         after = c.post("/predict", files={"image": ("t.png", test_img, "image/png")}, data={"object": "nut"}).json()
         assert after["references"] == 2 and after["zero_shot_score"] == pytest.approx(before["score"], abs=1e-5)
         # the same as the Python API with the same references
@@ -165,14 +170,25 @@ def test_calibrate_leave_one_out_then_predict_with_the_deployment(ckpt, files, t
     full = bank_from_images(det.model, pils, "screw", names=names)
     maps, scores, _ = FusedScorer(det, full, 0.5, leave_one_out=True).raw(pils, "screw", "industrial")
     maps, scores = torch.from_numpy(maps), torch.from_numpy(scores)
+    from moeclip.model.fusion import fused_raw
+
     for i in range(3):
         others = [p for j, p in enumerate(refs) if j != i]
         want = Detector.from_checkpoint(ckpt, device="cpu").with_references(others, object="screw")
         raw = want.runtime().raw([pils[i]], "screw", "industrial")
+        # the few-shot part against the others only, fused with the full bank's statistics (the deployment's)
+        fs = raw[2]["few_shot_map_max"][0]
+        assert fs > 1e-3  # not compared with itself
+        det_full = Detector.from_checkpoint(ckpt, device="cpu")
+        with torch.inference_mode():
+            x = torch.stack([preprocess_image(pils[i], 64)])
+            out = predict_with_bank(det_full.model, x, det_full.text_features("screw"),
+                                    want.references.get("screw"))
+        m, s = fused_raw(out["anomaly_map"].numpy(), out["few_shot_map"].numpy(), out["image_score"].numpy(),
+                         full.stats, 0.5)
         # a batch of 3 vs 1: float32 of another batch grouping, relative to the map's magnitude
-        assert_f32_close(maps[i], raw[0][0])
-        assert_f32_close(scores[i], raw[1][0], scale=1.0)
-        assert raw[2]["few_shot_map_max"][0] > 1e-3  # not compared with itself
+        assert_f32_close(maps[i], m[0])
+        assert_f32_close(scores[i], s[0], scale=1.0)
     # the CLI: deployment + bank beside it; predict --deploy then scores few-shot
     dep_path = tmp_path / "deploy.json"
     assert main(["calibrate", "--checkpoint", str(ckpt), "--device", "cpu", "--normal", str(files / "refs"),
@@ -212,7 +228,10 @@ def test_onnx_export_bakes_the_bank_in(ckpt, files, tmp_path):
 
     det = Detector.from_deployment(dep_path, device="cpu")
     diffs = compare_onnx(det, model_path)
-    assert diffs["anomaly_map"] < 1e-4 and diffs["image_score"] < 1e-5
+    # float32 along two runtimes: relative to the map's magnitude (the image score is in [0, 1])
+    magnitude = np.abs(det.runtime().raw([Image.open(files / "test" / "screw" / "a.png").convert("RGB")],
+                                         "screw", "industrial")[0]).max()
+    assert diffs["anomaly_map"] < 1e-5 * magnitude and diffs["image_score"] < 1e-5
     rt = OnnxRuntime(model_path)
     assert read_metadata(model_path)["references"] == "3"
     img = Image.open(files / "test" / "screw" / "a.png").convert("RGB")
@@ -227,3 +246,35 @@ def test_onnx_export_bakes_the_bank_in(ckpt, files, tmp_path):
     a = json.loads((tmp_path / "po" / "results.jsonl").read_text().splitlines()[0])
     b = json.loads((tmp_path / "pd" / "results.jsonl").read_text().splitlines()[0])
     assert_f32_close(a["score"], b["score"], scale=1.0)
+
+
+def test_one_reference_uses_the_batch_statistics_and_cannot_be_exported(ckpt, files, tmp_path, capsys):
+    require_extra("onnx")
+    from moeclip.model.fusion import fused_raw
+
+    one = files / "refs" / "r0.png"
+    det = Detector.from_checkpoint(ckpt, device="cpu").with_references([one], object="screw")
+    assert det.references.get("screw").stats is None  # nothing to leave out
+    imgs = [Image.open(files / "test" / "screw" / "a.png").convert("RGB"), Image.open(one).convert("RGB")]
+    maps = det.runtime().raw(imgs, "screw", "industrial")[0]
+    with torch.inference_mode():
+        x = torch.stack([preprocess_image(i, 64) for i in imgs])
+        out = predict_with_bank(det.model, x, det.text_features("screw"), det.references.get("screw"))
+    want = fused_raw(out["anomaly_map"].numpy(), out["few_shot_map"].numpy(), out["image_score"].numpy(), None)[0]
+    assert_f32_close(maps, want)
+    dep = tmp_path / "d.json"
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--device", "cpu", "--normal", str(files / "test"),
+                 "--object", "screw", "--reference", str(one), "--out", str(dep)]) == 0
+    assert main(["export", "onnx", "--deploy", str(dep), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "needs at least 2 reference images" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_weight_zero_is_the_zero_shot_prediction(ckpt, files):
+    """``--reference-weight 0``: the fused map written back in zero-shot units is the zero-shot map itself."""
+    img = files / "test" / "screw" / "a.png"
+    plain = Detector.from_checkpoint(ckpt, device="cpu").predict([img], object="screw")[0]
+    zero = Detector.from_checkpoint(ckpt, device="cpu").with_references(files / "refs", object="screw", weight=0.0)
+    got = zero.predict([img], object="screw")[0]
+    np.testing.assert_allclose(got.anomaly_map, plain.anomaly_map, atol=1e-6 * np.abs(plain.anomaly_map).max(), rtol=0)
+    assert got.score == pytest.approx(plain.score, abs=1e-6) and got.extra["references"] == 3

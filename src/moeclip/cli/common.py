@@ -103,7 +103,8 @@ def add_domain_arg(parser, help: str, default: Optional[str] = None) -> None:
 def add_bank_args(group, banks: str = "the memory banks") -> None:
     """``--reference-weight``, ``--bank-size``, ``--bank-fp16``: how few-shot memory banks are built and fused."""
     group.add_argument("--reference-weight", type=float, default=0.5, metavar="W",
-                       help="weight of the few-shot map in the fused map (default 0.5)")
+                       help="relative weight of the few-shot map in the fused map, after both maps are "
+                            "standardised by their normal statistics (0: zero-shot map only; default 0.5)")
     group.add_argument("--bank-size", type=int, metavar="N", help="greedy-coreset subsample of each map's bank")
     group.add_argument("--bank-fp16", action="store_true", help=f"store {banks} in fp16")
 

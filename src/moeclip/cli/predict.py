@@ -17,7 +17,8 @@ holds ``path``, ``name``, ``score`` (in [0, 1]), ``raw_score``, ``map_max``, ``o
 be read (the run goes on). With ``--reference`` (few-shot) a line also holds ``references`` (K, 0
 for an object without references), ``zero_shot_raw_score``, ``zero_shot_map_max``,
 ``zero_shot_score`` and ``few_shot_map_max``; ``score``, ``raw_score``, ``map_max`` and the map are
-then the fused ones, on the zero-shot raw scales (``moeclip.model.fusion.fused_raw``).
+then the fused ones, in zero-shot raw units (``moeclip.model.fusion.fused_raw``: both maps
+standardised by the bank's leave-one-out statistics, weighted, written back on the zero-shot scale).
 
 With ``--transductive --scoring musc`` (training-free, no checkpoint) each object's images are scored as
 one batch by MuSc (:mod:`moeclip.inference.transductive`): ``raw_score`` is the RsCIN image score, the map

@@ -77,10 +77,9 @@ class FewShot:
 
     ``references(source, group, samples)`` returns the reference image paths of one class
     (drawn from its training normals or a user folder, never from the test samples). The
-    fused map (:func:`moeclip.model.fusion.fuse_maps`) is what the class is evaluated on; the
-    image score fed to the official rule is ``(raw zero-shot score + max few-shot map) / 2``,
-    so industrial classes get ``0.5 max(fused) + 0.25 s + 0.25 max(M_fs)`` after the
-    per-class min-max, as :func:`moeclip.model.fusion.fuse` scores one image.
+    fused map (:func:`moeclip.model.fusion.fused_raw`: both maps standardised by the bank's
+    leave-one-out statistics, back in zero-shot raw units) is what the class is evaluated on;
+    the image score fed to the official rule is the raw zero-shot score, as at prediction.
     """
 
     references: Callable[["EvalSource", str, List[Sample]], List[Path]]
@@ -90,14 +89,14 @@ class FewShot:
 
 
 def _class_bank(model, paths: Sequence[Path], description: str, image_size: int, few_shot: FewShot,
-                precision: str, batch_size: int):
+                precision: str, batch_size: int, text: torch.Tensor, domain: Domain):
     from ..data.imageio import load_image
     from ..data.transforms import preprocess_image
     from ..model.fewshot import build_bank
 
     images = torch.stack([preprocess_image(load_image(p), image_size) for p in paths])
     return build_bank(model, images, description, references=[str(p) for p in paths], bank_size=few_shot.bank_size,
-                      fp16=few_shot.bank_fp16, batch_size=batch_size, precision=precision)
+                      fp16=few_shot.bank_fp16, batch_size=batch_size, precision=precision, text=text, domain=domain)
 
 
 def _score_batch(model, images: torch.Tensor, text: torch.Tensor, domain: Domain, device, precision: str,
@@ -110,12 +109,11 @@ def _score_batch(model, images: torch.Tensor, text: torch.Tensor, domain: Domain
         from ..model.fewshot import predict_with_bank
 
         out = predict_with_bank(model, images, text, bank, domain)
-    from ..model.fusion import fuse_maps
+    from ..model.fusion import fused_raw
 
-    few = out["few_shot_map"].cpu().numpy()
-    fused = fuse_maps(out["anomaly_map"].cpu().numpy(), few, model.adapter_config.num_maps, weight)
-    score = 0.5 * (out["image_score"].cpu().numpy() + few.reshape(few.shape[0], -1).max(1))
-    return torch.from_numpy(fused), torch.from_numpy(score.astype(np.float32))
+    fused, score = fused_raw(out["anomaly_map"].cpu().numpy(), out["few_shot_map"].cpu().numpy(),
+                             out["image_score"].cpu().numpy(), bank.normal_stats(model, text, domain), weight)
+    return torch.from_numpy(fused), torch.from_numpy(score)
 
 
 @torch.inference_mode()
@@ -146,7 +144,7 @@ def evaluate_source(model, source: EvalSource, *, image_size: int, device: torch
         bank = None
         if few_shot is not None:
             refs = few_shot.references(source, group, samples)
-            bank = _class_bank(model, refs, description, image_size, few_shot, precision, batch_size)
+            bank = _class_bank(model, refs, description, image_size, few_shot, precision, batch_size, text, domain)
             result.references[group] = [str(r) for r in refs]
         # under torchrun each rank scores an interleaved shard; the shards are gathered in order
         shard = list(range(dist_utils.rank(), len(dataset), dist_utils.world_size()))

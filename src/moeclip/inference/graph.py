@@ -1,13 +1,14 @@
 """The exportable scoring graph (torch): encoder outputs -> raw anomaly map and raw image score.
 
 Written once for the ONNX/OpenVINO export (:mod:`moeclip.inference.onnx`) and the anomalib
-model (:mod:`moeclip.integrations.anomalib`). kornia's Gaussian blur is the same separable
+model (:mod:`moeclip.integrations.anomalib`), few-shot included (the bank's map and the fusion
+of :mod:`moeclip.model.fusion`, its statistics baked in as constants). kornia's Gaussian blur is the same separable
 kernel applied as two fixed convolutions with reflect padding: identical numbers, and traceable
 by every exporter (no dependence on how a kornia version traces).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,3 +46,21 @@ class ScoringGraph(nn.Module):
             g = g.to(self.kernel.dtype)
         g = F.interpolate(self.blur(g), size=size, mode="bilinear", align_corners=True)[:, 0]
         return g, image_score(out.det_feature, text)
+
+    def few_shot(self, out, banks: Sequence[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
+        """The few-shot map (B, H, W) against one bank tensor per map, as ``MemoryBank.anomaly_map``.
+
+        Each map's full (patches x bank) similarity matrix: exact, and one matrix product to export.
+        """
+        d = sum(((1.0 - (f.float() @ b.float().T).amax(-1)) * 0.5).clamp(0.0, 1.0)
+                for f, b in zip(out.seg_features, banks)) / len(banks)
+        g = self.blur(d.reshape(d.shape[0], 1, *out.grid))
+        return F.interpolate(g, size=size, mode="bilinear", align_corners=True)[:, 0]
+
+
+def fuse_reference_maps(zero_shot_raw: torch.Tensor, few_shot: torch.Tensor, stats, weight: float) -> torch.Tensor:
+    """Torch twin of :func:`moeclip.model.fusion.fuse_maps` with a bank's statistics (Python constants)."""
+    z, f = stats.zero_shot, stats.few_shot
+    w = float(weight)
+    fused = (1.0 - w) * (zero_shot_raw - z.center) / z.scale + w * (few_shot - f.center) / f.scale
+    return z.center + z.scale * fused

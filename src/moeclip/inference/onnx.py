@@ -39,17 +39,17 @@ OUTPUT_NAMES = ("anomaly_map", "image_score")
 EXPORTERS = ("auto", "torchscript", "dynamo")
 
 # ---------------------------------------------------------------------------- export (torch)
-def _export_module(model, text, domain: str, routing_outputs: bool, bank=None, weight: float = 0.5):
+def _export_module(model, text, domain: str, routing_outputs: bool, bank=None, weight: float = 0.5, stats=None):
     """The nn.Module that is exported: image batch -> (map, score[, routing indices]).
 
-    With a few-shot ``bank`` (a calibrated deployment's), the bank is baked in as constants and
-    the outputs are the fused map and score on the raw scales (:func:`moeclip.model.fusion.fused_raw`);
-    the graph computes each map's full (patches x bank) similarity matrix.
+    With a few-shot ``bank`` (a calibrated deployment's), the bank and its normal ``stats`` are
+    baked in as constants and the outputs are the fused map and score on the raw scales
+    (:func:`moeclip.model.fusion.fused_raw`); the graph computes each map's full (patches x
+    bank) similarity matrix.
     """
     import torch
-    import torch.nn.functional as F
 
-    from .graph import ScoringGraph, map_probability
+    from .graph import ScoringGraph, fuse_reference_maps
 
     class AnomalyExport(ScoringGraph):
         def __init__(self):
@@ -60,19 +60,12 @@ def _export_module(model, text, domain: str, routing_outputs: bool, bank=None, w
             self.n_bank = 0 if bank is None else bank.num_maps
             for i, f in enumerate(bank.features if bank is not None else []):
                 self.register_buffer(f"bank{i}", f.detach().float().cpu().clone())
-            self.weight = float(weight)
+            self.weight, self.stats = float(weight), stats
 
         def fused(self, out, g: torch.Tensor, score: torch.Tensor, size):
-            """Few-shot: fuse the zero-shot map with the bank's map, back on the raw scales."""
-            n = len(out.seg_features)
-            d = sum((1.0 - (f.float() @ getattr(self, f"bank{i}").T).amax(-1)) * 0.5
-                    for i, f in enumerate(out.seg_features)) / n
-            fs = self.blur(d.clamp(0.0, 1.0).reshape(d.shape[0], 1, *out.grid))
-            fs = F.interpolate(fs, size=size, mode="bilinear", align_corners=True)[:, 0]
-            m = (1.0 - self.weight) * map_probability(g, n) + self.weight * fs
-            m = m.clamp(1e-7, 1.0 - 1e-7)
-            raw = n * (torch.log(m / (1.0 - m)) + 1.0) * 0.5
-            return raw, 0.5 * (score + fs.flatten(1).amax(1))
+            """Few-shot: fuse the zero-shot map with the bank's map, in zero-shot raw units."""
+            fs = self.few_shot(out, [getattr(self, f"bank{i}") for i in range(self.n_bank)], size)
+            return fuse_reference_maps(g, fs, self.stats, self.weight), score
 
         def forward(self, images: torch.Tensor):
             out = self.model.encode_image(images, compute_losses=False)
@@ -124,7 +117,13 @@ def _export(model, path: Path, obj: str, dom: str, size: int, routing_outputs: b
         raise MoECLIPError(f"unknown exporter {exporter!r} (use {', '.join(EXPORTERS)})")
     with torch.no_grad():
         text = model.text_features(obj)
-    module = _export_module(model, text, dom, routing_outputs, bank, weight)
+    stats = None
+    if bank is not None:
+        stats = bank.normal_stats(model, text, dom)
+        if stats is None:
+            raise MoECLIPError("exporting a few-shot detector needs at least 2 reference images (the fusion's "
+                               "normal statistics are measured leave-one-out over them)")
+    module = _export_module(model, text, dom, routing_outputs, bank, weight, stats)
     names = list(OUTPUT_NAMES) + ([f"routing.{i}" for i in range(len(model.moe))] if routing_outputs else [])
     example = torch.zeros(2, 3, size, size)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,8 +261,9 @@ def compare_onnx(detector, path: str | Path, images=None, object: Optional[str] 
         from ..model.fusion import fused_raw
 
         fs = predict_with_bank(detector.model, images.to(device), text, bank.to(device), runner.domain)
+        stats = bank.normal_stats(detector.model, text, runner.domain)
         maps, scores = fused_raw(fs["anomaly_map"].cpu().numpy(), fs["few_shot_map"].cpu().numpy(),
-                                 fs["image_score"].cpu().numpy(), runner.num_maps, refs.weight)
+                                 fs["image_score"].cpu().numpy(), stats, refs.weight)
         ref = {"anomaly_map": torch.from_numpy(maps), "image_score": torch.from_numpy(scores),
                "vision": ref["vision"]}
     diffs: Dict[str, Any] = {

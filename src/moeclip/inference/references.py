@@ -71,8 +71,13 @@ def load_references(images: Union[ImageLike, Sequence[ImageLike]]) -> Tuple[List
 
 def bank_from_images(model, images, object: str, *, image_size: Optional[int] = None, precision: str = "fp32",
                      bank_size: Optional[int] = None, fp16: bool = False, batch_size: int = 8,
-                     names: Optional[Sequence[str]] = None) -> MemoryBank:
-    """A memory bank for ``object`` from reference images (anything :func:`load_references` takes)."""
+                     names: Optional[Sequence[str]] = None, text: Optional[torch.Tensor] = None,
+                     domain: str = "industrial") -> MemoryBank:
+    """A memory bank for ``object`` from reference images (anything :func:`load_references` takes).
+
+    ``text`` and ``domain``: what the bank's normal statistics are measured with (see
+    :func:`moeclip.model.fewshot.build_bank`).
+    """
     if names is None:
         pils, names = load_references(images)
     else:
@@ -80,7 +85,7 @@ def bank_from_images(model, images, object: str, *, image_size: Optional[int] = 
     size = image_size or model.config.backbone.image_size
     batch = torch.stack([preprocess_image(img, size) for img in pils])
     return build_bank(model, batch, object, references=list(names), bank_size=bank_size, fp16=fp16,
-                      batch_size=batch_size, precision=precision)
+                      batch_size=batch_size, precision=precision, text=text, domain=domain)
 
 
 def _file_name(object: str) -> str:
@@ -142,10 +147,10 @@ class FewShotRuntime(Runtime):
     """A detector's model scoring against memory banks: the pipeline's few-shot runtime.
 
     ``raw`` returns the fused map and image score on the zero-shot raw scales
-    (:func:`moeclip.model.fusion.fused_raw`), so the shared post-processing (scores, heat maps,
-    masks, thresholds) applies unchanged, plus per-image extras: the number of references and the
-    raw zero-shot and few-shot parts. Objects without a bank are scored zero-shot
-    (``references`` 0).
+    (:func:`moeclip.model.fusion.fused_raw`, the bank's leave-one-out statistics), so the shared
+    post-processing (scores, heat maps, masks, thresholds) applies unchanged, plus per-image
+    extras: the number of references and the raw zero-shot and few-shot parts. Objects without a
+    bank are scored zero-shot (``references`` 0).
     """
 
     def __init__(self, detector, banks: ReferenceBanks):
@@ -168,8 +173,9 @@ class FewShotRuntime(Runtime):
         det = self.detector
         batch = torch.stack([preprocess_image(img, self.image_size) for img in images]).to(det.device)
         bank = self._bank(object)
+        text = det.text_features(object)
         with torch.inference_mode(), autocast(det.device, det.precision):
-            out = predict_with_bank(det.model, batch, det.text_features(object), bank, domain)
+            out = predict_with_bank(det.model, batch, text, bank, domain)
         zs = out["anomaly_map"].cpu().numpy()
         s = out["image_score"].cpu().numpy()
         zs_max = zs.reshape(zs.shape[0], -1).max(1)
@@ -181,7 +187,7 @@ class FewShotRuntime(Runtime):
         if bank is None:
             return zs, s, extras
         few = out["few_shot_map"].cpu().numpy()
-        maps, scores = fused_raw(zs, few, s, self.num_maps, self.banks.weight)
+        maps, scores = fused_raw(zs, few, s, bank.normal_stats(det.model, text, domain), self.banks.weight)
         extras["few_shot_map_max"] = few.reshape(few.shape[0], -1).max(1)
         return maps, scores, extras
 
@@ -199,7 +205,7 @@ def attach_references(detector, images, object: Optional[str] = None, *, bank_si
     obj = object if object is not None else (detector.object or "")
     bank = bank_from_images(detector.model, images, obj, image_size=detector.image_size,
                             precision=detector.precision, bank_size=bank_size, fp16=fp16, batch_size=batch_size,
-                            names=names)
+                            names=names, text=detector.text_features(obj), domain=detector.domain)
     if detector.references is None:
         detector.references = ReferenceBanks(weight=DEFAULT_REFERENCE_WEIGHT if weight is None else weight)
     elif weight is not None:
@@ -253,7 +259,8 @@ class FusedScorer(Runtime):
                 bank = self._bank_without_self(feats[0][b]) if self.leave_one_out else self.bank
                 few.append(bank.anomaly_map([f[b:b + 1] for f in feats], out.grid, size, domain)[0])
             few = torch.stack(few).cpu().numpy()
-        maps, scores = fused_raw(zs, few, s, self.num_maps, self.weight)
+        stats = self.bank.normal_stats(det.model, det.text_features(object), domain)
+        maps, scores = fused_raw(zs, few, s, stats, self.weight)
         return maps, scores, {"few_shot_map_max": few.reshape(few.shape[0], -1).max(1)}
 
 
@@ -274,7 +281,8 @@ def few_shot_calibration(detector, object: str, references: Sequence[str], norma
         raise MoECLIPError("--reference without images uses the --normal images (leave-one-out); "
                            "with --data give reference images")
     loo = not references
-    common = dict(image_size=detector.image_size, precision=detector.precision, names=names)
+    common = dict(image_size=detector.image_size, precision=detector.precision, names=names,
+                  text=detector.text_features(object), domain=detector.domain)
     saved = bank_from_images(detector.model, pils, object, bank_size=bank_size, fp16=fp16, **common)
     scoring = bank_from_images(detector.model, pils, object, **common) if loo and (bank_size or fp16) else saved
     return FusedScorer(detector, scoring, weight, leave_one_out=loo), saved

@@ -23,8 +23,11 @@ category; the paper's per-class rule instead normalises map maxima and image sco
 *before* combining them, so image AUROC can differ slightly while pixel AUROC agrees (see
 README, "anomalib").
 
-Few-shot: ``k_shot`` is the extension point for reference images (anomalib's k-shot models
-take them from the datamodule's normal training images); it is not implemented yet.
+Few-shot: ``MoEClip(k_shot=K)`` draws K references from the datamodule's normal training images
+(as anomalib's k-shot models do; the draw of ``moeclip test --shots K --shot-seeds S``, seed
+``shot_seed``), builds moeclip's memory bank of them (read as ``moeclip predict --reference``
+reads them, so the bank and the maps are the ones ``predict --reference`` gives) and outputs the
+fused map of :mod:`moeclip.model.fusion` (in zero-shot raw units) with the same score rule.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised without anomalib inst
                        "pip install 'moeclip[anomalib]'") from None
 
 from ..data.transforms import CLIP_MEAN, CLIP_STD
-from ..inference.graph import ScoringGraph, map_probability
+from ..inference.graph import ScoringGraph, fuse_reference_maps, map_probability
 from ..model.domain import Domain
 from ..model.prompts import GENERIC_OBJECT
 
@@ -88,6 +91,9 @@ class MoEClipTorchModel(ScoringGraph):
         self.num_maps = int(moeclip.adapter_config.num_maps)
         self.register_buffer("text_features", torch.zeros(0))
         self.object: Optional[str] = None
+        self.n_bank = 0
+        self.stats = None
+        self.reference_weight = 0.5
 
     @torch.no_grad()
     def set_text(self, description: str) -> None:
@@ -96,11 +102,27 @@ class MoEClipTorchModel(ScoringGraph):
         self.text_features = feats.to(self.kernel.device)
         self.object = description
 
+    def set_references(self, bank, weight: float = 0.5) -> None:
+        """Few-shot: ``bank``'s features become buffers (``bank0``...), its normal statistics constants."""
+        from ..model.fusion import check_weight
+
+        stats = bank.normal_stats(self.moeclip, self.text_features, self.domain)
+        if stats is None:
+            raise MoECLIPError("MoEClip: k_shot must be at least 2 (the fusion's normal statistics are measured "
+                               "leave-one-out over the references)")
+        for i, f in enumerate(bank.features):
+            self.register_buffer(f"bank{i}", f.detach().float().to(self.kernel.device).clone())
+        self.n_bank, self.stats, self.reference_weight = bank.num_maps, stats, check_weight(weight)
+
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         if self.text_features.numel() == 0:
             raise MoECLIPError("MoEClip: no object text features yet (call set_text or run the Engine)")
         out = self.moeclip.encode_image(images, compute_losses=False)
-        amap, raw = self.raw(out, self.text_features.to(out.det_feature.dtype), tuple(images.shape[-2:]))
+        size = tuple(images.shape[-2:])
+        amap, raw = self.raw(out, self.text_features.to(out.det_feature.dtype), size)
+        if self.n_bank:
+            fs = self.few_shot(out, [getattr(self, f"bank{i}") for i in range(self.n_bank)], size)
+            amap = fuse_reference_maps(amap, fs, self.stats, self.reference_weight)
         # moeclip predict's uncalibrated score: the mean per-map probability at the map maximum
         prob = map_probability(amap.amax(dim=(-2, -1)), self.num_maps)
         return InferenceBatch(pred_score=self.domain.combine(prob, raw.float()), anomaly_map=amap)
@@ -114,7 +136,10 @@ class MoEClip(AnomalibModule):
         class_name: object description for the prompts; default: the datamodule's category
             (described as moeclip describes that dataset's classes), else ``"object"``.
         domain: ``industrial`` (default) or ``medical``: blur size and image-score rule.
-        k_shot: reference images per class (few-shot); reserved, must be 0 for now.
+        k_shot: normal reference images drawn from the datamodule's training split (few-shot, >= 2;
+            0: zero-shot).
+        shot_seed: seed of that draw (``moeclip test --shot-seeds``).
+        reference_weight: weight of the few-shot map in the fusion (``--reference-weight``).
         pre_processor, post_processor, evaluator, visualizer: as every anomalib model.
         **model_options: hyper-parameters of an official ``.pth`` (see :func:`load_moeclip`).
     """
@@ -122,9 +147,13 @@ class MoEClip(AnomalibModule):
     def __init__(self, checkpoint: str | Path, class_name: Optional[str] = None, domain: str = "industrial",
                  k_shot: int = 0, pre_processor: nn.Module | bool = True, post_processor: nn.Module | bool = True,
                  evaluator: Evaluator | bool = True, visualizer: Visualizer | bool = True,
-                 **model_options: Any) -> None:
-        if k_shot:
-            raise MoECLIPError("MoEClip: few-shot reference images are not supported yet (k_shot must be 0)")
+                 shot_seed: int = 0, reference_weight: float = 0.5, **model_options: Any) -> None:
+        from ..model.fusion import check_weight
+
+        if k_shot < 0 or k_shot == 1:
+            raise MoECLIPError(f"MoEClip: k_shot must be 0 (zero-shot) or at least 2 (the fusion's normal statistics "
+                               f"are measured leave-one-out over the references), got {k_shot}")
+        check_weight(reference_weight)
         moeclip = load_moeclip(checkpoint, **model_options)
         size = int(moeclip.config.backbone.image_size)
         if pre_processor is True:  # the default needs the checkpoint's size, known only now
@@ -134,7 +163,8 @@ class MoEClip(AnomalibModule):
         self.model = MoEClipTorchModel(moeclip, domain)
         self.image_size = size
         self.class_name = class_name
-        self.k_shot = k_shot
+        self.k_shot, self.shot_seed, self.reference_weight = k_shot, shot_seed, reference_weight
+        self.references: list = []
         self.model.set_text(class_name or GENERIC_OBJECT)  # usable (and exportable) before any setup
 
     # ------------------------------------------------------------------ anomalib hooks
@@ -145,6 +175,30 @@ class MoEClip(AnomalibModule):
         if description != self.model.object:
             log.info("MoEClip: object description %r", description)
             self.model.set_text(description)
+            self.model.n_bank = 0
+        if self.k_shot and not self.model.n_bank:
+            self._attach_references(description)
+
+    def _attach_references(self, description: str) -> None:
+        """Draw ``k_shot`` normal training images of the datamodule and fuse with their memory bank."""
+        from ..data.references import draw_shots
+        from ..inference.references import bank_from_images
+
+        trainer = getattr(self, "_trainer", None)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        data = getattr(datamodule, "train_data", None)
+        samples = getattr(data, "samples", None)
+        if samples is None or not len(samples):
+            raise MoECLIPError("MoEClip: k_shot needs a datamodule with a training split of normal images")
+        normal = samples[samples["label_index"] == 0] if "label_index" in samples else samples
+        pool = [Path(p) for p in normal["image_path"]]
+        what = f"MoEClip: {getattr(datamodule, 'category', '') or 'training split'}"
+        self.references = [str(p) for p in draw_shots(pool, self.k_shot, self.shot_seed, what)]
+        moeclip = self.model.moeclip
+        bank = bank_from_images(moeclip, self.references, description, text=self.model.text_features,
+                                domain=self.model.domain.value)
+        log.info("MoEClip: %d references from the training split", len(self.references))
+        self.model.set_references(bank, self.reference_weight)
 
     def _description(self) -> str:
         if self.class_name:

@@ -14,10 +14,13 @@ Few-shot map of a test image with patch features f_m (per map m, per patch)::
 The nearest neighbour is exact, found by chunked matrix products (never a K x HW x HW tensor).
 A large bank can be subsampled per map with PatchCore's greedy k-center coreset
 (:func:`greedy_coreset`) and stored in fp16. Fusion with the zero-shot map is
-:mod:`moeclip.model.fusion`.
+:mod:`moeclip.model.fusion`; the normal statistics it standardises by are measured here, once,
+when the bank is built (:func:`reference_stats`: leave-one-out over the K >= 2 references).
 
-Banks are saved as safetensors with metadata (object, K, image size, the model's fingerprint);
-loading one into a different model (another checkpoint, backbone or image size) is refused.
+Banks are saved as safetensors with metadata (object, K, image size, the model's fingerprint,
+the normal statistics); loading one into a different model (another checkpoint, backbone or image
+size) is refused. Files written before the statistics existed (version 1) get them recomputed
+from their features when the bank holds every reference patch (no coreset), else a clear error.
 """
 from __future__ import annotations
 
@@ -31,10 +34,11 @@ import torch
 
 from ..errors import MoECLIPError
 from .domain import Domain
+from .fusion import ReferenceStats, robust_stats
 from .scoring import anomaly_map, image_score, smooth_patch_map
 
 BANK_FORMAT = "moeclip-bank"
-BANK_VERSION = "1"
+BANK_VERSION = "2"
 
 #: Elements of one (queries x bank entries) similarity block: 32 MiB in float32 (ViT-L at 518 px:
 #: one block per map up to K = 6; smaller blocks cost up to ~15 % more on CPU, larger ones nothing).
@@ -134,6 +138,7 @@ class MemoryBank:
     fingerprint: str
     references: List[str] = field(default_factory=list)
     bank_size: Optional[int] = None
+    stats: Optional[ReferenceStats] = None  # leave-one-out normal statistics (None: fewer than 2 references)
 
     @property
     def num_maps(self) -> int:
@@ -150,7 +155,32 @@ class MemoryBank:
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "MemoryBank":
         feats = [t.to(device=device, dtype=dtype or t.dtype) for t in self.features]
         return MemoryBank(feats, self.object, self.num_references, self.image_size, self.grid, self.fingerprint,
-                          list(self.references), self.bank_size)
+                          list(self.references), self.bank_size, self.stats)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the bank still holds every patch of every reference (no coreset)."""
+        return int(self.features[0].shape[0]) == self.num_references * self.grid[0] * self.grid[1]
+
+    def normal_stats(self, model, text: torch.Tensor, domain: "Domain | str" = "industrial",
+                     source: str = "memory bank") -> Optional[ReferenceStats]:
+        """The leave-one-out statistics for ``domain``: stored, else measured on the bank's own features.
+
+        None with a single reference (the fusion then standardises by the scored batch). A
+        coreset bank without stored statistics for ``domain`` cannot be measured again: refused.
+        """
+        dom = Domain.parse(domain).value
+        if self.stats is not None and self.stats.domain == dom:
+            return self.stats
+        if self.num_references < 2:
+            return None
+        if not self.complete:
+            raise MoECLIPError(f"{source}: the bank has no normal statistics for the {dom} domain and keeps only "
+                               "a coreset of its references; rebuild it from the reference images")
+        L = self.grid[0] * self.grid[1]
+        feats = [f.float().reshape(self.num_references, L, -1) for f in self.features]
+        self.stats = reference_stats(feats, text.to(feats[0].device, torch.float32), self.grid, self.image_size, dom)
+        return self.stats
 
     def check_model(self, model, source: str = "memory bank") -> None:
         """Refuse a bank built with another model or image size, with the reason."""
@@ -195,7 +225,8 @@ class MemoryBank:
                 "num_references": str(self.num_references), "image_size": str(self.image_size),
                 "grid": json.dumps(list(self.grid)), "fingerprint": self.fingerprint,
                 "references": json.dumps(self.references),
-                "bank_size": "" if self.bank_size is None else str(self.bank_size)}
+                "bank_size": "" if self.bank_size is None else str(self.bank_size),
+                "normal_stats": "" if self.stats is None else self.stats.to_json()}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite)
         return path
 
@@ -219,8 +250,9 @@ class MemoryBank:
         try:
             bank = cls(feats, meta["object"], int(meta["num_references"]), int(meta["image_size"]),
                        tuple(json.loads(meta["grid"])), meta["fingerprint"], json.loads(meta.get("references", "[]")),
-                       int(meta["bank_size"]) if meta.get("bank_size") else None)
-        except (KeyError, ValueError) as exc:
+                       int(meta["bank_size"]) if meta.get("bank_size") else None,
+                       ReferenceStats.from_json(meta["normal_stats"]) if meta.get("normal_stats") else None)
+        except (KeyError, ValueError, TypeError) as exc:
             raise MoECLIPError(f"{path}: memory bank metadata is incomplete ({exc})") from None
         if model is not None:
             bank.check_model(model, str(path))
@@ -266,20 +298,58 @@ def extract_features(model, images, batch_size: int = 8,
     return [torch.cat(a) for a in per_map], grid, count
 
 
+@torch.inference_mode()
+def reference_stats(features: Sequence[torch.Tensor], text: torch.Tensor, grid: Tuple[int, int], image_size: int,
+                    domain: "Domain | str" = "industrial",
+                    chunk_elements: int = CHUNK_ELEMENTS) -> Optional[ReferenceStats]:
+    """Leave-one-out normal statistics of K >= 2 references (None for one reference).
+
+    ``features``: per map the references' seg features (K, H*W, D). Each reference's few-shot map
+    is its distance to the bank of the *other* K - 1 (so it is never compared with itself), and
+    its zero-shot map is the text's; both at ``image_size`` with the domain's smoothing, exactly
+    as a test image's maps are, and :func:`moeclip.model.fusion.robust_stats` of all their pixels.
+    """
+    K = int(features[0].shape[0])
+    if K < 2:
+        return None
+    size = (int(image_size), int(image_size))
+    feats = [f.float() for f in features]
+    text = text.to(feats[0].device, torch.float32)
+    zs = anomaly_map(feats, text, grid, size, domain).float()
+    loo = []
+    for k in range(K):  # the nearest of the others = the min over each other reference's nearest (no copy)
+        per_map = [torch.stack([nearest_distance(f[k], f[j], chunk_elements) for j in range(K) if j != k]).amin(0)
+                   for f in feats]
+        loo.append(sum(per_map) / len(feats))
+    fs = smooth_patch_map(torch.stack(loo), grid, size, domain).float()
+    return ReferenceStats(robust_stats(zs.cpu().numpy()), robust_stats(fs.cpu().numpy()), Domain.parse(domain).value)
+
+
 def build_bank(model, images, object: str = "", *, references: Sequence[str] = (), bank_size: Optional[int] = None,
-               fp16: bool = False, batch_size: int = 8, precision: str = "fp32") -> MemoryBank:
-    """The memory bank of preprocessed normal reference images for ``object``.
+               fp16: bool = False, batch_size: int = 8, precision: str = "fp32", text: Optional[torch.Tensor] = None,
+               domain: "Domain | str" = "industrial") -> MemoryBank:
+    """The memory bank of preprocessed normal reference images for ``object``, with its normal statistics.
 
     ``bank_size`` keeps at most that many entries per map (greedy coreset); ``fp16`` stores
-    the bank in half precision (half the memory; similarities are still float32).
+    the bank in half precision (half the memory; similarities are still float32). The
+    statistics (:func:`reference_stats`, from every reference patch, before any coreset) use
+    ``text`` (default: the model's features of ``object``) and ``domain``'s smoothing.
     """
+    from .prompts import GENERIC_OBJECT
+
     feats, grid, count = extract_features(model, images, batch_size, precision)
+    if text is None:
+        with torch.inference_mode():
+            text = model.text_features(object or GENERIC_OBJECT)
+    L = grid[0] * grid[1]
+    stats = reference_stats([f.reshape(count, L, -1) for f in feats], text, grid,
+                            int(model.config.backbone.image_size), domain)
     if bank_size is not None:
         feats = [f[greedy_coreset(f, int(bank_size)).to(f.device)] for f in feats]
     if fp16:
         feats = [f.half() for f in feats]
     return MemoryBank(feats, object, count, int(model.config.backbone.image_size), grid, model_fingerprint(model),
-                      [str(r) for r in references], bank_size)
+                      [str(r) for r in references], bank_size, stats)
 
 
 # ---------------------------------------------------------------------------- one forward, both maps
@@ -306,4 +376,5 @@ def predict_with_bank(model, images: torch.Tensor, text: torch.Tensor, bank: Opt
 def bank_summary(bank: MemoryBank) -> Dict[str, object]:
     """What ``GET /references`` and logs show of a bank."""
     return {"object": bank.object, "references": bank.num_references, "entries_per_map": int(bank.features[0].shape[0]),
-            "dtype": str(bank.dtype).replace("torch.", ""), "bytes": bank.nbytes, "fingerprint": bank.fingerprint}
+            "dtype": str(bank.dtype).replace("torch.", ""), "bytes": bank.nbytes, "fingerprint": bank.fingerprint,
+            "normal_stats": None if bank.stats is None else json.loads(bank.stats.to_json())}

@@ -1,33 +1,91 @@
-"""Fusing the zero-shot and the few-shot anomaly maps (WinCLIP+-style); numpy only.
+"""One calibrated fusion of anomaly signals (text, references, batch); numpy only.
 
 Torch-free like :mod:`moeclip.model.domain`, so exported runtimes can apply the same rule.
 
-With ``n`` maps, a raw zero-shot map value ``Z`` (the sum of the per-map scores) reads as the
-mean per-map probability of "abnormal" ``P = sigmoid(2 Z / n - 1)`` (the uncalibrated scale of
-:func:`moeclip.inference.postprocess.map_probability`). The few-shot map ``F`` already lies in
-[0, 1] (see :mod:`moeclip.model.fewshot`). With ``w`` the reference weight::
+The signals live on unrelated scales: the zero-shot raw map ``Z`` (a sum over 12 maps, ~0-12),
+the few-shot map ``F`` (nearest-neighbour cosine distances, 0.02-0.1 with pretrained CLIP), the
+mutual batch map ``U`` (same kind of distances, smaller still). Each is first put on a common
+scale by its *own distribution on normal evidence* (median and MAD, so a few anomalous pixels do
+not move it)::
 
-    fused map   M = (1 - w) P + w F
-    image score = Domain.combine(max M, (s + max F) / 2)    # s: raw zero-shot image score
+    standardise(x, stats) = (x - median) / (1.4826 MAD)   # ~ a z-score: 1 = one normal std
 
-so industrial scores ``0.5 max M + 0.25 s + 0.25 max F`` and medical scores ``max M``.
+Normal evidence is, with references, leave-one-out over them (each reference scored against the
+bank of the others, plus its own zero-shot map: :func:`moeclip.model.fewshot.reference_stats`,
+computed once when the bank is built and stored with it); without it, the pixels of the scored
+batch itself (most are normal). The fused map is the weighted mean of the standardised signals::
+
+    fused = sum_i w_i standardise(x_i) / sum_i w_i           # with references: w_Z = 1 - w, w_F = w
+
+so a positive affine change of one signal (and of its evidence) changes nothing, ``w = 0`` is
+the standardised zero-shot map alone and ``w = 1`` the standardised few-shot map alone.
+
+What users see: the fused map is written back in zero-shot raw units,
+``raw = median_Z + scale_Z * fused`` (:func:`to_scale`), so the zero-shot post-processing (heat
+map colours, calibration, thresholds, masks) applies unchanged and ``w = 0`` gives exactly the
+zero-shot map. Image score: the image-level signals are fused the same way and written back on
+the zero-shot image-score scale; text + references have one (the text's raw score ``s``, the
+references act through the map), so the image score is the zero-shot rule
+``Domain.combine(sigmoid(2 max(raw) / n - 1), s)`` on the fused map.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import MoECLIPError
-from .domain import Domain
 
-#: Default weight of the few-shot map in the fused map.
+#: Default weight of the few-shot map (after standardisation) in the fused map.
 DEFAULT_REFERENCE_WEIGHT = 0.5
+#: MAD -> standard deviation of a normal distribution.
+MAD_TO_STD = 1.4826
 
 
-def zero_shot_probability(raw_map, num_maps: int) -> np.ndarray:
-    """``sigmoid(2 raw / n - 1)``: the mean per-map abnormal probability of a summed raw map."""
-    return 1.0 / (1.0 + np.exp(-(2.0 * np.asarray(raw_map, dtype=np.float64) / num_maps - 1.0)))
+@dataclass(frozen=True)
+class SignalStats:
+    """Where one signal's normal evidence sits (``center``) and how wide it is (``scale`` > 0)."""
+
+    center: float
+    scale: float
+
+    def to_dict(self) -> Dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d) -> "SignalStats":
+        if isinstance(d, SignalStats):
+            return d
+        return cls(float(d["center"]), float(d["scale"]))
+
+
+def robust_stats(values) -> SignalStats:
+    """Median and ``1.4826 MAD`` of ``values`` (any shape): the normal scale of one signal.
+
+    A signal constant on most of its evidence (MAD 0) falls back to the mean absolute deviation
+    (times sqrt(pi/2)), then to 1 (any deviation then counts in the signal's own units).
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        raise MoECLIPError("no finite values to measure a signal's normal statistics on")
+    center = float(np.median(v))
+    dev = np.abs(v - center)
+    scale = MAD_TO_STD * float(np.median(dev))
+    if not scale > 0:
+        scale = float(np.sqrt(np.pi / 2) * dev.mean())
+    if not scale > 0:
+        scale = 1.0
+    return SignalStats(center, scale)
+
+
+def standardise(signal, stats: Optional[SignalStats]) -> np.ndarray:
+    """``(signal - center) / scale``; without ``stats``, those of the signal itself (:func:`robust_stats`)."""
+    x = np.asarray(signal, dtype=np.float64)
+    st = robust_stats(x) if stats is None else SignalStats.from_dict(stats)
+    return (x - st.center) / st.scale
 
 
 def check_weight(weight: float) -> float:
@@ -37,54 +95,73 @@ def check_weight(weight: float) -> float:
     return weight
 
 
-def fuse_maps(zero_shot_raw, few_shot, num_maps: int, weight: float = DEFAULT_REFERENCE_WEIGHT) -> np.ndarray:
-    """``(1 - w) sigmoid(2 Z / n - 1) + w F`` elementwise, float32."""
-    w = check_weight(weight)
-    p = zero_shot_probability(zero_shot_raw, num_maps)
-    return ((1.0 - w) * p + w * np.asarray(few_shot, dtype=np.float64)).astype(np.float32)
+Part = Tuple[object, Optional[SignalStats], float]
 
 
-@dataclass
-class FusedScore:
-    """One image's few-shot result and the raw parts it was built from."""
+def fuse(parts: Sequence[Part]) -> np.ndarray:
+    """Weighted mean of standardised signals: ``parts`` is ``[(signal, stats or None, weight), ...]``.
 
-    anomaly_map: np.ndarray   # fused map in [0, 1] at the resolution it was given
-    score: float              # final image score in [0, 1]
-    map_max: float            # max of the fused map
-    zero_shot_map_max: float  # max of the raw zero-shot map (sum over the maps)
-    zero_shot_score: float    # raw zero-shot image score (c_abnormal + 1) / 2
-    few_shot_map_max: float   # max of the few-shot map, in [0, 1]
-
-
-def fuse(zero_shot_raw, few_shot, raw_score: float, num_maps: int, domain: "Domain | str" = "industrial",
-         weight: float = DEFAULT_REFERENCE_WEIGHT) -> FusedScore:
-    """Fused map and image score of one image; both maps (H, W) at the same resolution."""
-    fused = fuse_maps(zero_shot_raw, few_shot, num_maps, weight)
-    f_max = float(np.max(few_shot))
-    m_max = float(fused.max())
-    image_part = np.float32(0.5) * (np.float32(raw_score) + np.float32(f_max))
-    score = float(Domain.parse(domain).combine(np.float32(m_max), image_part))
-    return FusedScore(fused, score, m_max, float(np.max(zero_shot_raw)), float(raw_score), f_max)
-
-
-def to_raw_scale(fused, num_maps: int, eps: float = 1e-7) -> np.ndarray:
-    """The raw zero-shot value whose probability ``sigmoid(2 raw / n - 1)`` is the fused map value.
-
-    Lets a fused map travel through the zero-shot post-processing unchanged: heat maps, masks and
-    the uncalibrated image score read it back exactly (to float32 rounding).
+    Signals of one shape (maps or image scores); ``None`` stats: the signal's own robust
+    statistics (the batch's, when no references exist). Weights >= 0, not all 0. float64.
     """
-    m = np.clip(np.asarray(fused, dtype=np.float64), eps, 1.0 - eps)
-    return (num_maps * (np.log(m / (1.0 - m)) + 1.0) / 2.0).astype(np.float32)
+    if not parts:
+        raise MoECLIPError("nothing to fuse")
+    weights = [float(w) for _, _, w in parts]
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise MoECLIPError(f"fusion weights must be >= 0 and not all 0, got {weights}")
+    total = sum(w * standardise(x, st) for (x, st, _), w in zip(parts, weights) if w > 0)
+    return total / sum(weights)
 
 
-def fused_raw(zero_shot_raw, few_shot, raw_scores, num_maps: int, weight: float = DEFAULT_REFERENCE_WEIGHT):
+def to_scale(fused, stats: SignalStats) -> np.ndarray:
+    """Standardised values back in one signal's units: ``center + scale * fused``."""
+    st = SignalStats.from_dict(stats)
+    return st.center + st.scale * np.asarray(fused, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------- text + references
+@dataclass(frozen=True)
+class ReferenceStats:
+    """Normal statistics of a memory bank's references, leave-one-out (one domain's smoothing)."""
+
+    zero_shot: SignalStats   # zero-shot raw map of the references
+    few_shot: SignalStats    # each reference's few-shot map against the bank of the others
+    domain: str = "industrial"
+
+    def to_json(self) -> str:
+        return json.dumps({"zero_shot": self.zero_shot.to_dict(), "few_shot": self.few_shot.to_dict(),
+                           "domain": self.domain}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ReferenceStats":
+        d = json.loads(text)
+        return cls(SignalStats.from_dict(d["zero_shot"]), SignalStats.from_dict(d["few_shot"]), str(d["domain"]))
+
+
+def reference_parts(zero_shot_raw, few_shot, stats: Optional[ReferenceStats], weight: float):
+    """The ``fuse`` parts of text + references (``stats`` None: the batch's own statistics)."""
+    w = check_weight(weight)
+    return [(zero_shot_raw, None if stats is None else stats.zero_shot, 1.0 - w),
+            (few_shot, None if stats is None else stats.few_shot, w)]
+
+
+def fuse_maps(zero_shot_raw, few_shot, stats: Optional[ReferenceStats],
+              weight: float = DEFAULT_REFERENCE_WEIGHT) -> np.ndarray:
+    """The fused map in zero-shot raw units (float32), any shape: see the module docstring."""
+    zs_stats = robust_stats(zero_shot_raw) if stats is None else stats.zero_shot
+    parts = reference_parts(zero_shot_raw, few_shot, stats, weight)
+    if stats is None:
+        parts[0] = (zero_shot_raw, zs_stats, parts[0][2])
+    return to_scale(fuse(parts), zs_stats).astype(np.float32)
+
+
+def fused_raw(zero_shot_raw, few_shot, raw_scores, stats: Optional[ReferenceStats],
+              weight: float = DEFAULT_REFERENCE_WEIGHT):
     """A batch's fusion on the zero-shot raw scales: (maps (B, H, W), image scores (B,)).
 
-    The map is :func:`to_raw_scale` of the fused map and the score ``(s + max M_fs) / 2``, so that
-    the zero-shot rule ``Domain.combine(sigmoid(2 max / n - 1), score)`` gives the fused image score.
+    The map is :func:`fuse_maps`; the raw image score stays the text's (the only image-level
+    signal here), so the zero-shot rule ``Domain.combine(sigmoid(2 max / n - 1), s)`` gives the
+    fused image score. ``stats`` None: the batch's own statistics (fewer than 2 references).
     """
-    few = np.asarray(few_shot, dtype=np.float32)
-    maps = to_raw_scale(fuse_maps(zero_shot_raw, few, num_maps, weight), num_maps)
-    f_max = few.reshape(few.shape[0], -1).max(1)
-    scores = (np.float32(0.5) * (np.asarray(raw_scores, dtype=np.float32) + f_max)).astype(np.float32)
-    return maps, scores
+    maps = fuse_maps(zero_shot_raw, few_shot, stats, weight)
+    return maps, np.asarray(raw_scores, dtype=np.float32).copy()
