@@ -15,6 +15,7 @@ Nothing leaves the machine: servers bind 127.0.0.1 and the clients only talk to 
 
     python benchmarks/serve_load.py --clip-model tiny --requests 400 --soak 2000 --overload --json OUT
     python benchmarks/serve_load.py --clip-model ViT-B-16 --image-size 224 --requests 48 --max-seconds 60
+    python benchmarks/serve_load.py --clip-model ViT-L-14-336 --image-size 518 --device cuda --precision bf16
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def rss_mib(pid: int) -> float:
 class Server:
     """``moeclip serve`` in a child process on a free loopback port."""
 
-    def __init__(self, ckpt: Path, extra: List[str], log: Path, threads: int):
+    def __init__(self, ckpt: Path, extra: List[str], log: Path, threads: int, device: str = "cpu",
+                 precision: str = "fp32"):
         import httpx
 
         self.port = free_port()
@@ -71,8 +73,8 @@ class Server:
             env["OMP_NUM_THREADS"] = str(threads)
         self.log = open(log, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "moeclip", "serve", "--checkpoint", str(ckpt),
-                                      "--device", "cpu", "--host", "127.0.0.1", "--port", str(self.port),
-                                      "--log-level", "warning", *extra],
+                                      "--device", device, "--precision", precision, "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--log-level", "warning", *extra],
                                      stdout=self.log, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
         deadline = time.monotonic() + 300
         while True:
@@ -194,6 +196,8 @@ def main() -> None:
     p.add_argument("--soak", type=int, default=0, metavar="N", help="N requests at concurrency 8, batching on")
     p.add_argument("--overload", action="store_true", help="64 clients against --max-queue 4")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the servers (0: default)")
+    p.add_argument("--device", default="cpu", help="the servers' --device (cuda on a GPU machine)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -217,8 +221,12 @@ def main() -> None:
 
     doc: Dict[str, Any] = {"machine": machine_info(torch.device("cpu")), "args": vars(args), "points": []}
     common = ["--max-queue", "256", "--request-timeout-s", "300"]
-    servers = {"on": Server(ckpt, ["--max-batch-size", "8", *common], work / "on.log", args.threads),
-               "off": Server(ckpt, ["--max-batch-size", "1", *common], work / "off.log", args.threads)}
+
+    def start(extra: List[str], name: str) -> Server:
+        return Server(ckpt, extra, work / f"{name}.log", args.threads, args.device, args.precision)
+
+    servers = {"on": start(["--max-batch-size", "8", *common], "on"),
+               "off": start(["--max-batch-size", "1", *common], "off")}
     try:
         rows = []
         for c in [int(x) for x in args.concurrency.split(",")]:
@@ -252,7 +260,7 @@ def main() -> None:
     finally:
         doc["exit_codes"] = {mode: srv.stop() for mode, srv in servers.items()}
     if args.overload:
-        srv = Server(ckpt, ["--max-batch-size", "1", "--max-queue", "4"], work / "overload.log", args.threads)
+        srv = start(["--max-batch-size", "1", "--max-queue", "4"], "overload")
         try:
             doc["overload"] = overload(srv.base, image)
         finally:
