@@ -419,3 +419,12 @@ def test_ray_serve_answers_like_the_plain_server(deploy_file, detector, images, 
     finally:
         _stop(proc)
         log.close()
+
+
+def test_app_without_lifespan_and_lifespan_twice(detector, images):
+    """A TestClient used outside 'with' (no lifespan) still answers; a second lifespan restarts the queue."""
+    app = app_for(detector)
+    assert post(TestClient(app), images[0]).status_code == 200
+    for _ in range(2):
+        with TestClient(app) as client:
+            assert post(client, images[1]).status_code == 200

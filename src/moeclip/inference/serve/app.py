@@ -152,9 +152,6 @@ class Service:
             self.on_batch(len(images))
         return results
 
-    def score(self, image: Image.Image, object: str, domain: Domain):
-        return self.score_batch((object, domain.value), [image])[0]
-
     def warm_up(self) -> None:
         """One forward on a grey image (lazy initialisation, text features), then ready."""
         side = int(self.detector.image_size)

@@ -82,7 +82,6 @@ class Batcher:
         self._pending: Deque[_Item] = deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._busy = False
         self._thread: Optional[threading.Thread] = None
 
     @classmethod
@@ -100,6 +99,8 @@ class Batcher:
 
     def submit(self, key: Hashable, payload: Any, deadline: Optional[float] = None) -> Future:
         """Queue one request (``deadline``: a ``time.monotonic()`` value); QueueFull when full or closing."""
+        if self._thread is None:
+            self.start()  # an app used without its lifespan (a TestClient outside 'with')
         future: Future = Future()
         with self._cond:
             if self._closing:
@@ -116,9 +117,12 @@ class Batcher:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Batcher":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="moeclip-batcher", daemon=True)
-            self._thread.start()
+        """Start the worker (again, after :meth:`close`: an app's lifespan may run more than once)."""
+        with self._cond:
+            self._closing = False
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="moeclip-batcher", daemon=True)
+                self._thread.start()
         return self
 
     def close(self, timeout: Optional[float] = None) -> bool:
@@ -156,7 +160,6 @@ class Batcher:
                 item = self._pending.popleft()
                 (batch if item.key == first.key and len(batch) < self.max_batch_size else rest).append(item)
             self._pending = rest
-            self._busy = True
             return batch
 
     def _loop(self) -> None:
@@ -164,11 +167,7 @@ class Batcher:
             batch = self._take()
             if batch is None:
                 return
-            try:
-                self._run(batch)
-            finally:
-                with self._cond:
-                    self._busy = False
+            self._run(batch)
 
     def _run(self, batch: List[_Item]) -> None:
         now = time.monotonic()

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional
 __all__ = ["ROUTES", "Metrics", "request_id", "access_logger", "log_access"]
 
 #: The routes counted under their own name (the ``route`` label's whole value set, with ``other``).
-ROUTES = frozenset({"/", "/predict", "/predict/batch", "/references", "/health", "/ready", "/metrics", "/docs",
+ROUTES = frozenset({"/", "/predict", "/references", "/health", "/ready", "/metrics", "/docs",
                     "/openapi.json"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
