@@ -9,7 +9,8 @@ the two are measured interleaved, so machine load hits both alike; each point is
 * ``--soak N``: N requests at concurrency 8 against the batching server: any 5xx is unexpected;
   resident memory (VmRSS) after the run is compared with after warm-up.
 * ``--overload``: a third server with ``--max-queue 4 --max-batch-size 1`` gets 64 concurrent
-  clients: how many 503s, and how fast they are answered.
+  clients: how many 503s, and how fast they are answered, as the clients see it and as the
+  server's access log says (``latency_ms``: from the request's arrival to its response).
 
 Nothing leaves the machine: servers bind 127.0.0.1 and the clients only talk to them.
 
@@ -71,11 +72,12 @@ class Server:
         env = {**os.environ, "PYTHONPATH": str(SRC)}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
+        self.log_path = log  # stdout and stderr: the access log's JSON lines among them
         self.log = open(log, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "moeclip", "serve", "--checkpoint", str(ckpt),
                                       "--device", device, "--precision", precision, "--host", "127.0.0.1",
                                       "--port", str(self.port), "--log-level", "warning", *extra],
-                                     stdout=self.log, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
@@ -153,6 +155,20 @@ def load(base: str, image: bytes, concurrency: int, requests: int, max_seconds: 
             "p50_ms": pct(0.5), "p99_ms": pct(0.99), "mean_ms": round(1000 * statistics.fmean(lat), 1) if lat else None}
 
 
+def server_ms(log: Path, status: int) -> List[float]:
+    """Latencies (ms) the server itself logged for responses of ``status`` (its access log)."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("status") == status and rec.get("route") == "/predict":
+                out.append(rec["latency_ms"])
+    return sorted(out)
+
+
 def overload(base: str, image: bytes, clients: int = 64) -> Dict[str, Any]:
     """``clients`` requests at once: the 503s' latencies (they should not wait for the model)."""
     import httpx
@@ -196,6 +212,7 @@ def main() -> None:
     p.add_argument("--soak", type=int, default=0, metavar="N", help="N requests at concurrency 8, batching on")
     p.add_argument("--overload", action="store_true", help="64 clients against --max-queue 4")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the servers (0: default)")
+    p.add_argument("--batch-delay-ms", type=float, default=10.0, help="--max-batch-delay-ms of the batching server")
     p.add_argument("--device", default="cpu", help="the servers' --device (cuda on a GPU machine)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--json", default=None)
@@ -225,7 +242,7 @@ def main() -> None:
     def start(extra: List[str], name: str) -> Server:
         return Server(ckpt, extra, work / f"{name}.log", args.threads, args.device, args.precision)
 
-    servers = {"on": start(["--max-batch-size", "8", *common], "on"),
+    servers = {"on": start(["--max-batch-size", "8", "--max-batch-delay-ms", str(args.batch_delay_ms), *common], "on"),
                "off": start(["--max-batch-size", "1", *common], "off")}
     try:
         rows = []
@@ -265,6 +282,9 @@ def main() -> None:
             doc["overload"] = overload(srv.base, image)
         finally:
             doc["exit_codes"]["overload"] = srv.stop()
+        logged = server_ms(srv.log_path, 503)
+        doc["overload"]["refused_server_p50_ms"] = logged[len(logged) // 2] if logged else None
+        doc["overload"]["refused_server_max_ms"] = logged[-1] if logged else None
         print("overload:", json.dumps(doc["overload"]))
     print("exit codes after SIGTERM:", doc["exit_codes"])
     finish(doc, args.json)
