@@ -428,3 +428,17 @@ def test_app_without_lifespan_and_lifespan_twice(detector, images):
     for _ in range(2):
         with TestClient(app) as client:
             assert post(client, images[1]).status_code == 200
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-queue", "0"], "--max-queue must be at least 1"),
+    (["--max-batch-size", "0"], "--max-batch-size must be at least 1"),
+    (["--request-timeout-s", "0"], "--request-timeout-s must be positive"),
+    (["--ray", "--replicas", "0"], "--replicas must be at least 1"),
+    (["--ray", "--gpus-per-replica", "-1"], "--gpus-per-replica must not be negative"),
+])
+def test_serve_flags_are_checked_before_anything_starts(flags, message, tmp_path, capsys):
+    from moeclip.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing"), *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -135,10 +135,7 @@ def deployment_class():
 def application(load: Callable[[], Tuple[Any, Any]], *, replicas: int = 1, gpus_per_replica: float = 0.0,
                 batching: Optional[BatchOptions] = None, **app_options):
     """A bound Serve application (for ``serve.run``): ``replicas`` copies of the service."""
-    if replicas < 1:
-        raise MoECLIPError("--replicas must be at least 1")
-    if gpus_per_replica < 0:
-        raise MoECLIPError("--gpus-per-replica must not be negative")
+    _check(replicas, gpus_per_replica)
     batching = batching or BatchOptions()
     return deployment_class().options(
         num_replicas=replicas, ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica},
@@ -146,6 +143,13 @@ def application(load: Callable[[], Tuple[Any, Any]], *, replicas: int = 1, gpus_
         max_ongoing_requests=batching.max_queue + batching.max_batch_size,
         graceful_shutdown_timeout_s=batching.drain_timeout_s,
     ).bind(load, {"batching": batching, **app_options})
+
+
+def _check(replicas: int, gpus_per_replica: Optional[float]) -> None:
+    if replicas < 1:
+        raise MoECLIPError("--replicas must be at least 1")
+    if gpus_per_replica is not None and gpus_per_replica < 0:
+        raise MoECLIPError("--gpus-per-replica must not be negative")
 
 
 def _gpus(replicas: int, gpus_per_replica: Optional[float]) -> float:
@@ -165,6 +169,7 @@ def serve_forever(load: Callable[[], Tuple[Any, Any]], *, address: str = "local"
     """``moeclip serve --ray``: run the application until SIGTERM/SIGINT, then drain, stop, return 0."""
     from .ray import connect
 
+    _check(replicas, gpus_per_replica)
     serve = _serve()
     connected = connect(address)
     stop = threading.Event()
