@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from moeclip.inference.deploy import Deployment  # noqa: E402
+from moeclip.inference.detector import Detector  # noqa: E402
 from moeclip.inference.serve import app as serve_app  # noqa: E402
 from moeclip.inference.serve import create_app  # noqa: E402
 from moeclip.inference.serve.batching import Batcher, BatchOptions, DeadlineExceeded, QueueFull  # noqa: E402
@@ -44,7 +45,7 @@ def deploy_file(tiny_clip_config, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def detector(deploy_file):
-    return Deployment.load(deploy_file).detector(device="cpu")
+    return Detector.from_deployment(deploy_file, device="cpu")
 
 
 @pytest.fixture(scope="module")

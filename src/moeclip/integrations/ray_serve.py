@@ -12,10 +12,11 @@ Compose it into your own Serve application::
     from ray import serve
     from moeclip.integrations.ray_serve import application
     from moeclip.inference.deploy import Deployment
+    from moeclip.inference.detector import Detector
 
     def load():  # runs in each replica
         dep = Deployment.load("deploy.json")
-        return dep.detector(device="cuda"), dep
+        return Detector.from_deployment(dep, device="cuda"), dep
 
     serve.run(application(load, replicas=2, gpus_per_replica=1), route_prefix="/")
 
