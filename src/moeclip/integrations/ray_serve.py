@@ -142,6 +142,7 @@ def application(load: Callable[[], Tuple[Any, Any]], *, replicas: int = 1, gpus_
         num_replicas=replicas, ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica},
         # the replica, not Serve, answers the overflow (JSON 503) and holds a full batch besides
         max_ongoing_requests=batching.max_queue + batching.max_batch_size,
+        max_queued_requests=batching.max_queue,  # beyond: Serve's own 503 (its body, not ours)
         graceful_shutdown_timeout_s=batching.drain_timeout_s,
     ).bind(load, {"batching": batching, **app_options})
 
