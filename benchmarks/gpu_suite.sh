@@ -14,6 +14,8 @@
 #   mha_layout.json           diagnostic: one ViT-L block, batch_first (N,L,D) vs sequence-first
 #                             (L,N,D) attention under bf16 autocast (see README, "layout")
 #   vs_official.json          only when REFERENCE_DIR points at a checkout of the official code
+#   serve_load.json           moeclip serve on loopback: req/s and p50/p99 with batching on/off, 1/8/32
+#                             clients, overload (503s)
 #   summary.txt               one table of the above
 #
 # Environment: PYTHON (default python), DEVICE (default cuda), REFERENCE_DIR (optional),
@@ -150,6 +152,10 @@ if [ -n "${REFERENCE_DIR:-}" ]; then
 else
     log "REFERENCE_DIR not set: skipping vs_official"
 fi
+
+# the web service under load (issue 23): batching on (8) vs off, 1/8/32 clients, and an overload run
+step serve_load $(( STEP_TIMEOUT + 120 )) "$PY" "$HERE/serve_load.py" $MODEL --precision bf16 --requests 400 \
+    --max-seconds 25 --concurrency 1,8,32 --overload --json "$OUT/serve_load.json"
 
 export CLIP_MODEL IMAGE_SIZE BATCHES TRAIN_BATCH
 step summary 60 "$PY" - "$OUT" <<'EOF'

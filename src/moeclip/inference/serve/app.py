@@ -12,21 +12,28 @@ Pillow plugin ever parses user data) and pixel count (``max_pixels``, read from 
 decoding, which stops decompression bombs). Errors are JSON ``{"error": <code>, "detail":
 <message>}`` with status 401 (API key missing or wrong), 411 (no Content-Length: chunked bodies
 could not be bounded before spooling), 413 (too large), 415 (not a supported image type), 422
-(undecodable image, bad field) or 500.
+(undecodable image, bad field) or 500; under load 503 (queue full, with ``Retry-After``) and 504
+(no result within the request timeout).
 
-With ``api_key``, ``POST /predict`` needs ``Authorization: Bearer <key>`` (compared in constant
-time); ``/health``, the page and the API docs stay open.
+With ``api_key``, every POST and ``GET /metrics`` need ``Authorization: Bearer <key>`` (compared
+in constant time); ``/health``, ``/ready``, the page and the API docs stay open.
 
-The model runs under one lock: a request waits for the previous one instead of running the
-model concurrently (PyTorch modules are not guaranteed re-entrant, and one forward already
-uses every core). The text-feature cache is bounded by clearing it after ``max_objects``
-distinct descriptions, so a client cannot grow memory without limit.
+The model runs in one worker under one lock (PyTorch modules are not guaranteed re-entrant, and
+one forward already uses every core); requests reach it through the batching queue of
+:mod:`.batching` (or, on Ray Serve, ``@serve.batch``: :mod:`moeclip.integrations.ray_serve`).
+``/health`` is the liveness check; ``/ready`` answers 200 once the model has run one warm-up
+forward, 503 before and while draining. ``/metrics`` and the access log: :mod:`.observe`. The
+text-feature cache is bounded by clearing it after ``max_objects`` distinct descriptions, so a
+client cannot grow memory without limit.
 """
 # no "from __future__ import annotations": FastAPI must see the real types of the endpoint
 # parameters, which are imported inside create_app (FastAPI is an optional dependency).
+import asyncio
 import hmac
+import logging
 import threading
 import time
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, Dict, Optional
 
@@ -41,6 +48,10 @@ from ..deploy import Deployment
 from ..pipeline import decode, score_images
 from ..postprocess import resize_map
 from ..render import data_url, heatmap_rgb, mask_image, overlay
+from .batching import Batcher, BatchOptions, DeadlineExceeded, QueueFull
+from .observe import Metrics, access_logger, log_access, request_id
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -56,9 +67,9 @@ FORMAT_NAMES = "PNG, JPEG, BMP, TIFF, WebP, GIF"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str):
+    def __init__(self, status: int, code: str, detail: str, headers: Optional[Dict[str, str]] = None):
         super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers
 
 
 def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
@@ -107,6 +118,8 @@ class Service:
         self.max_objects = max_objects
         self.lock = threading.Lock()
         self.seen_objects: set = set()
+        self.ready = threading.Event()  # set after the warm-up forward
+        self.on_batch = None            # called with each batch's size (metrics)
 
     def resolve(self, object: Optional[str], domain: Optional[str]):
         """(object, object source, Domain) of a request, or ApiError 422."""
@@ -125,14 +138,27 @@ class Service:
             raise ApiError(422, "invalid_domain", str(exc)) from None
         return text, source, dom
 
-    def score(self, image: Image.Image, object: str, domain: Domain):
+    def score_batch(self, key, images):
+        """Images of one (object, domain value) key -> their Scored results: one forward."""
+        object, domain = key
         with self.lock:
             if object not in self.seen_objects:
                 if len(self.seen_objects) >= self.max_objects:
                     self.runtime.clear_cache()
                     self.seen_objects.clear()
                 self.seen_objects.add(object)
-            return score_images(self.runtime, self.post, [image], object, domain.value)[0]
+            results = score_images(self.runtime, self.post, images, object, domain)
+        if self.on_batch is not None:
+            self.on_batch(len(images))
+        return results
+
+    def warm_up(self) -> None:
+        """One forward on a grey image (lazy initialisation, text features), then ready."""
+        side = int(self.detector.image_size)
+        with self.lock:
+            score_images(self.runtime, self.post, [Image.new("RGB", (side, side), (128, 128, 128))],
+                         self.detector.object or GENERIC_OBJECT, self.detector.domain.value)
+        self.ready.set()
 
     def pictures(self, image: Image.Image, amap) -> Dict[str, Optional[str]]:
         """Heat map, overlay and mask as PNG data URLs, scaled to at most ``max_display_side``."""
@@ -199,7 +225,7 @@ def _install_error_handlers(app) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return _error(exc.status, exc.code, exc.detail)
+        return _error(exc.status, exc.code, exc.detail, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
@@ -214,17 +240,28 @@ def _install_error_handlers(app) -> None:
         return _error(exc.status_code, "http_error", exc.detail)
 
 
-def _install_gate(app, max_upload_bytes: int, api_key: Optional[str]) -> None:
-    """Refuse unauthorised and oversized POSTs before multipart parsing spools their bodies."""
+def overloaded(exc: Exception) -> ApiError:
+    return ApiError(503, "overloaded", f"{exc}; retry later", headers={"Retry-After": "1"})
+
+
+def _install_gate(app, max_upload_bytes: int, api_key: Optional[str], queue) -> None:
+    """Refuse unauthorised, oversized and (queue full) overflowing POSTs before multipart parsing
+    spools their bodies; ``GET /metrics`` needs the key too."""
     from fastapi import Request
 
     @app.middleware("http")
     async def _gate(request: Request, call_next):
-        if request.method != "POST":
+        protected = request.method == "POST" or request.url.path == "/metrics"
+        if not protected:
             return await call_next(request)
         if api_key and not bearer_ok(request.headers.get("authorization"), api_key):
             return _error(401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'",
                           headers={"WWW-Authenticate": 'Bearer realm="moeclip"'})
+        if request.method != "POST":
+            return await call_next(request)
+        if request.url.path == "/predict" and queue.full():
+            exc = overloaded(QueueFull(f"the queue is full ({queue.max_queue} requests waiting)"))
+            return _error(exc.status, exc.code, exc.detail, headers=exc.headers)
         length = request.headers.get("content-length")
         if length is None:
             return _error(411, "length_required", "send a Content-Length header (chunked uploads are not accepted)")
@@ -235,6 +272,30 @@ def _install_gate(app, max_upload_bytes: int, api_key: Optional[str]) -> None:
         if too_big:
             return _error(413, "file_too_large", f"request body over the limit of {max_upload_bytes} bytes")
         return await call_next(request)
+
+
+def _install_observer(app, metrics: Metrics, access_log: bool) -> None:
+    """Outermost: request id (``X-Request-ID``), metrics and one access-log line for every response."""
+    from fastapi import Request
+
+    logger = access_logger() if access_log else None
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        start = time.perf_counter()
+        rid = request_id(request.headers.get("x-request-id"))
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug, not bad input: logged with its trace, answered in JSON
+            log.exception("request %s failed", rid)
+            response = _error(500, "internal_error", f"internal error (request id {rid})")
+        response.headers["X-Request-ID"] = rid
+        seconds = time.perf_counter() - start
+        metrics.observe(request.url.path, response.status_code, seconds)
+        if logger is not None:
+            extra = getattr(request.state, "access", None) or {}
+            log_access(logger, rid, request.method, request.url.path, response.status_code, seconds, extra)
+        return response
 
 
 def _read_upload(image, max_upload_bytes: int, max_pixels: int) -> Image.Image:
@@ -248,29 +309,81 @@ def _read_upload(image, max_upload_bytes: int, max_pixels: int) -> Image.Image:
     return decode_upload(data, max_pixels)
 
 
+def _add_operations_routes(app, service: Service, metrics: Metrics) -> None:
+    """``GET /ready`` and ``GET /metrics``."""
+    from fastapi.responses import Response
+
+    @app.get("/ready", responses={503: {"description": "loading, warming up or shutting down"}})
+    def ready() -> Dict[str, Any]:
+        """200 once the model is loaded and warmed up (route traffic here); 503 before and while draining."""
+        if app.state.draining:
+            raise ApiError(503, "draining", "the service is shutting down")
+        if not service.ready.is_set():
+            raise ApiError(503, "not_ready", "the model is loading or warming up")
+        return {"status": "ready"}
+
+    @app.get("/metrics", response_class=Response, responses={401: {"description": "API key missing or wrong"}})
+    def metrics_route() -> Response:
+        """Prometheus text format: requests by route and status, latency, batch sizes, queue depth, load time."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
 def create_app(detector, deployment: Optional[Deployment] = None, *, pixel_threshold: Optional[float] = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_display_side: int = DEFAULT_MAX_DISPLAY_SIDE, max_objects: int = 256,
-               api_key: Optional[str] = None):
+               api_key: Optional[str] = None, batching: Optional[BatchOptions] = None, queue=None,
+               load_seconds: Optional[float] = None, access_log: bool = True):
     """The app around a loaded :class:`~moeclip.inference.detector.Detector`.
 
     ``deployment`` (already applied to the detector, e.g. by :meth:`Detector.from_deployment`) provides
     the pixel threshold for masks unless ``pixel_threshold`` is given. Returned pictures are
     scaled down to ``max_display_side`` pixels; scores are computed at full resolution.
-    ``api_key``: require ``Authorization: Bearer <api_key>`` on ``POST /predict``.
+    ``api_key``: require ``Authorization: Bearer <api_key>`` on POSTs and ``/metrics``.
+    ``batching``: queue and batch limits (:class:`.batching.BatchOptions`). ``queue``: a factory
+    ``queue(service) -> object`` with the :class:`.batching.Batcher` interface (``submit_async``,
+    ``full``, ``depth``, ``max_queue``, ``start``, ``close``) that replaces the in-process batcher
+    (Ray Serve's ``@serve.batch``). ``load_seconds``: reported as ``moeclip_model_load_seconds``.
     """
-    from fastapi import FastAPI, File, Form, UploadFile
+    from fastapi import FastAPI, File, Form, Request, UploadFile
     from fastapi.responses import HTMLResponse
+    from starlette.concurrency import run_in_threadpool
 
     if pixel_threshold is None and deployment is not None:
         pixel_threshold = deployment.pixel_threshold
+    options = batching or BatchOptions()
     service = Service(detector, pixel_threshold, max_display_side, max_objects)
+    queue = queue(service) if queue is not None else Batcher.from_options(service.score_batch, options)
+    metrics = Metrics(lambda: queue.depth)
+    metrics.ready.set_function(lambda: float(service.ready.is_set() and not app.state.draining))
+    if load_seconds is not None:
+        metrics.load_seconds.set(load_seconds)
+    service.on_batch = metrics.batch_size.observe
     PredictResponse, Health = _schemas()
-    app = FastAPI(title="MoECLIP anomaly detection", version=__version__,
+
+    def warm_up() -> None:
+        try:
+            service.warm_up()
+        except Exception:  # stays unready (/ready 503); the log says why
+            log.exception("warm-up forward failed")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        queue.start()
+        if not service.ready.is_set():
+            threading.Thread(target=warm_up, name="moeclip-warm-up", daemon=True).start()
+        yield
+        app.state.draining = True
+        await run_in_threadpool(queue.close, options.drain_timeout_s)
+
+    app = FastAPI(title="MoECLIP anomaly detection", version=__version__, lifespan=lifespan,
                   description="Zero-shot anomaly detection: upload an image, name the object, get an "
                               "anomaly score and heat map.")
+    app.state.draining = False
     _install_error_handlers(app)
-    _install_gate(app, max_upload_bytes, api_key)
+    _install_gate(app, max_upload_bytes, api_key, queue)
+    _install_observer(app, metrics, access_log)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -283,29 +396,47 @@ def create_app(detector, deployment: Optional[Deployment] = None, *, pixel_thres
                 "image_size": int(detector.image_size), "device": str(detector.device),
                 "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "auth": bool(api_key)}
 
+    async def score(pil: Image.Image, text: str, dom: Domain, deadline: float):
+        try:
+            return await asyncio.wait_for(queue.submit_async((text, dom.value), pil, deadline),
+                                          max(0.0, deadline - time.monotonic()))
+        except QueueFull as exc:
+            raise overloaded(exc) from None
+        except (asyncio.TimeoutError, DeadlineExceeded):
+            raise ApiError(504, "timeout", f"no result within {options.request_timeout_s:g} s "
+                                           "(--request-timeout-s)") from None
+
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=False,
               responses={401: {"description": "API key missing or wrong"},
                          413: {"description": "file or image too large"},
                          415: {"description": "not a supported image type"},
-                         422: {"description": "invalid image or field"}})
-    def predict(image: UploadFile = File(..., description=f"{FORMAT_NAMES} image"),
-                object: Optional[str] = Form(None, description="object description, e.g. 'metal nut'"),
-                domain: Optional[str] = Form(None, description="industrial or medical")) -> Dict[str, Any]:
+                         422: {"description": "invalid image or field"},
+                         503: {"description": "queue full (Retry-After) or shutting down"},
+                         504: {"description": "no result within the request timeout"}})
+    async def predict(request: Request, image: UploadFile = File(..., description=f"{FORMAT_NAMES} image"),
+                      object: Optional[str] = Form(None, description="object description, e.g. 'metal nut'"),
+                      domain: Optional[str] = Form(None, description="industrial or medical")) -> Dict[str, Any]:
         start = time.perf_counter()
-        pil = _read_upload(image, max_upload_bytes, max_pixels)
+        deadline = time.monotonic() + options.request_timeout_s
+        pil = await run_in_threadpool(_read_upload, image, max_upload_bytes, max_pixels)
         text, source, dom = service.resolve(object, domain)
-        scored = service.score(pil, text, dom)
+        request.state.access = access = {"object": text}
+        scored, access["batch_size"] = await score(pil, text, dom, deadline)
+        pictures = await run_in_threadpool(service.pictures, pil, scored.anomaly_map)
         return {"score": scored.score, "raw_score": scored.raw_score, "map_max": scored.map_max,
                 "decision": scored.decision, "threshold": service.post.threshold, "object": text,
                 "object_source": source, "domain": dom.value, "width": pil.width, "height": pil.height,
-                **service.pictures(pil, scored.anomaly_map), **_few_shot_fields(scored.extra),
+                **pictures, **_few_shot_fields(scored.extra),
                 "elapsed_ms": round((time.perf_counter() - start) * 1000.0, 1)}
 
     from .references import add_reference_routes
 
     add_reference_routes(app, service, ApiError, _read_upload, max_upload_bytes, max_pixels)
+    _add_operations_routes(app, service, metrics)
 
     app.state.detector = detector
     app.state.service = service
     app.state.lock = service.lock
+    app.state.queue = queue
+    app.state.metrics = metrics
     return app
