@@ -47,3 +47,13 @@ def test_predict_on_a_training_mode_model_is_deterministic(tiny_clip_config):
     assert torch.equal(a, b) and torch.equal(a, c)
     model.train()
     assert model.training  # predict put it back
+
+
+def test_readme_examples_write_to_their_own_folders():
+    # followed top to bottom, a second run into a used --out is refused ("folder is not empty")
+    from readme_check import out_collisions, out_folder, readme_commands
+
+    cmds = readme_commands()
+    outs = [out_folder(c) for _, c in cmds]
+    assert sum(o is not None for o in outs) >= 30  # the extraction found the examples
+    assert out_collisions(cmds) == {}
