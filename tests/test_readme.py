@@ -57,3 +57,17 @@ def test_readme_examples_write_to_their_own_folders():
     outs = [out_folder(c) for _, c in cmds]
     assert sum(o is not None for o in outs) >= 30  # the extraction found the examples
     assert out_collisions(cmds) == {}
+
+
+def test_readme_names_the_tests_that_need_the_shared_folder():
+    # tests reading ../shared skip on a plain clone: the README must say which and why
+    from pathlib import Path
+
+    from readme_check import README
+
+    text = README.read_text()
+    needing = sorted(p.name for p in Path(__file__).parent.glob("test_*.py")
+                     if '"shared"' in p.read_text() and p.name != Path(__file__).name)
+    assert needing  # the official lists are read from ../shared by some tests
+    assert "../shared/datasets/official-metadata/" in text
+    assert [n for n in needing if f"tests/{n}" not in text] == []
