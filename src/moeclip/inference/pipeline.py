@@ -295,7 +295,7 @@ def result_record(job: Job, scored: Scored, image, post: PostProcessor, name: Op
         rec["name"] = name
     rec.update({"score": scored.score, "raw_score": scored.raw_score, "map_max": scored.map_max,
                 "object": job.object, "object_source": job.source, "domain": post.domain,
-                "width": image.width, "height": image.height})
+                "width": image.width, "height": image.height, "map_scale": post.map_scale})
     if scored.decision is not None:
         rec["decision"] = scored.decision
         rec["threshold"] = post.threshold
