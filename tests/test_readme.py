@@ -71,3 +71,69 @@ def test_readme_names_the_tests_that_need_the_shared_folder():
     assert needing  # the official lists are read from ../shared by some tests
     assert "../shared/datasets/official-metadata/" in text
     assert [n for n in needing if f"tests/{n}" not in text] == []
+
+
+def _result_lines_paragraph() -> str:
+    from readme_check import README
+
+    text = README.read_text()
+    start = text.index("**Result lines**")
+    return text[start:text.index("\n\n", start)]
+
+
+def test_readme_lists_the_result_line_fields_as_written(tiny_clip_config, tmp_path):
+    """Every field predict writes, in the order it writes them, is in the README's "Result lines"."""
+    import json
+
+    import numpy as np
+    from conftest import make_tiny_checkpoint
+    from PIL import Image
+
+    from moeclip.cli import main
+
+    ck = make_tiny_checkpoint(tiny_clip_config, tmp_path / "ck", seed=0)
+    imgs, refs = tmp_path / "imgs", tmp_path / "refs"
+    imgs.mkdir()
+    refs.mkdir()
+    rng = np.random.default_rng(0)
+    for folder, n in ((imgs, 2), (refs, 2)):
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"i{i}.png")
+    (imgs / "broken.png").write_bytes(b"not an image")
+    runs = {"thresholds": ["--threshold", "0.5", "--pixel-threshold", "0"], "few-shot": ["--reference", str(refs)]}
+    lines = []
+    for name, extra in runs.items():
+        out = tmp_path / name
+        assert main(["predict", "--checkpoint", str(ck), "--device", "cpu", str(imgs), "--out", str(out), *extra]) == 0
+        lines += [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    doc = _result_lines_paragraph()
+    keys = {k for line in lines for k in line}
+    assert {"decision", "mask", "references", "error", "map_scale"} <= keys  # every kind of line was made
+    assert sorted(k for k in keys if f"`{k}`" not in doc) == []
+    for line in lines:  # the documented order
+        at = [doc.index(f"`{k}`") for k in line]
+        assert at == sorted(at), list(line)
+
+
+def test_readme_mentions_the_flags_users_need():
+    # flags the review found undocumented; each still exists in its command's parser
+    import argparse
+
+    from readme_check import README
+
+    from moeclip.cli import build_parser
+
+    text = README.read_text()
+    wanted = {"train": ["--val", "--max-steps", "--epochs"],
+              "predict": ["--threshold", "--pixel-threshold", "--no-maps", "--no-overlays"],
+              "calibrate": ["--criterion", "--headroom", "--class"],
+              "export onnx": ["--exporter", "--opset", "--no-check"]}
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command, flags in wanted.items():
+        p = subs[command.split()[0]]
+        if " " in command:
+            p = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[command.split()[1]]
+        known = {o for a in p._actions for o in a.option_strings}
+        assert set(flags) <= known, command
+        assert [f for f in flags if f"`{f}" not in text] == [], command

@@ -37,6 +37,8 @@ def test_train_then_test(synth, tiny_clip_config, tmp_path, capsys):
     assert (out / "results.csv").read_text().startswith("dataset,class,pixel_auroc")
     printed = capsys.readouterr().out
     assert "| wood |" in printed and "**average**" in printed
+    table = (out / "results.md").read_text()  # the printed table, also as a file
+    assert "| wood |" in table and table.strip() in printed
     # same inputs, same numbers
     out2 = tmp_path / "eval2"
     main(["test", "--checkpoint", str(ckpt), "--data", f"folder={synth / 'held'}", "--out", str(out2)])
