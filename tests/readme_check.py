@@ -190,6 +190,10 @@ def run_all(demo: Path, work: Path, full: bool = False, say=print) -> Dict[str, 
                     time.sleep(0.5)
                 ok = server.poll() is None and _health()
                 err = "" if ok else server.stderr.read().decode(errors="replace")[-500:]
+            elif cmd.startswith("unset "):
+                for name in cmd.split()[1:]:
+                    env.pop(name, None)
+                ok, err = True, ""
             elif cmd.startswith("export "):
                 name = cmd.split()[1].split("=")[0]
                 proc = subprocess.run(["bash", "-c", f'{cmd}; printf %s "${name}"'], cwd=work, env=env,
