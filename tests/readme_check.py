@@ -96,6 +96,7 @@ SUBSTITUTIONS: List[Tuple[str, str]] = [
     (r'"refs/pill/\*\.png"', '"synth/nut/train/good/*.png"'),
     (r"s3://plant-images/line3/2026-12-01/", "demo_out/data/heldout/wood/test/"),
     (r"https://your-host/predict", "http://127.0.0.1:8000/predict"),
+    (r"(?<![\w/])tests/golden/", str(README.parent / "tests" / "golden") + "/"),           # the repository's files
     (r"@part\.jpg", "@demo_out/data/heldout/nut/test/good/000.png"),
 ]
 
@@ -113,6 +114,7 @@ SKIPS: List[Tuple[str, str]] = [
     (r"^moeclip reproduce(?!.*--dry-run)", "trains ViT-L on the benchmarks (days)"),
     (r"^moeclip reproduce", "needs the benchmarks under /data (missing ones are an error, by design)"),
     (r"--ray auto", "needs a Ray cluster (ray start --head)"),
+    (r"^moeclip predict --transductive(?!.*--clip-weights)", "needs ViT-L-14-336 weights (open_clip downloads them)"),
     (r"^moeclip ablate", "trains once per setting (about 7 minutes; --full runs it)"),
 ]
 
