@@ -28,11 +28,12 @@ def code_blocks(lang: str, text: str | None = None) -> List[Tuple[str, str]]:
         line = lines[i]
         if line.startswith("#") and not line.startswith("#!"):
             section = line.lstrip("#").strip()
-        if line.strip() == f"```{lang}":
+        if line.startswith("```"):  # any fenced block: its comments are no headings
             j = i + 1
             while lines[j].strip() != "```":
                 j += 1
-            out.append((section, "\n".join(lines[i + 1:j])))
+            if line.strip() == f"```{lang}":
+                out.append((section, "\n".join(lines[i + 1:j])))
             i = j
         i += 1
     return out
@@ -97,6 +98,8 @@ SUBSTITUTIONS: List[Tuple[str, str]] = [
     (r"s3://plant-images/line3/2026-12-01/", "demo_out/data/heldout/wood/test/"),
     (r"https://your-host/predict", "http://127.0.0.1:8000/predict"),
     (r"(?<![\w/])tests/golden/", str(README.parent / "tests" / "golden") + "/"),           # the repository's files
+    (r"^PYTHONPATH=src python benchmarks/",
+     f"PYTHONPATH={README.parent / 'src'} python {README.parent / 'benchmarks'}/"),
     (r"@part\.jpg", "@demo_out/data/heldout/nut/test/good/000.png"),
 ]
 
@@ -143,6 +146,21 @@ def _health(port: int = 8000) -> bool:
         return False
 
 
+def _environment(cmd: str, work: Path, env: Dict[str, str]) -> Tuple[bool, str]:
+    """``export NAME=...`` (evaluated by bash) or ``unset NAME``, applied to the commands that follow."""
+    import subprocess
+
+    if cmd.startswith("unset "):
+        for name in cmd.split()[1:]:
+            env.pop(name, None)
+        return True, ""
+    name = cmd.split()[1].split("=")[0]
+    proc = subprocess.run(["bash", "-c", f'{cmd}; printf %s "${name}"'], cwd=work, env=env,
+                          capture_output=True, text=True)
+    env[name] = proc.stdout
+    return proc.returncode == 0 and bool(proc.stdout), proc.stderr
+
+
 def run_all(demo: Path, work: Path, full: bool = False, say=print) -> Dict[str, List[str]]:
     """Run the README's commands top to bottom in ``work`` (``demo_out`` -> ``demo``)."""
     import os
@@ -174,6 +192,16 @@ def run_all(demo: Path, work: Path, full: bool = False, say=print) -> Dict[str, 
             while _health() and time.time() < deadline:
                 time.sleep(0.2)
 
+    def drain():
+        nonlocal server
+        if server is None:
+            return "no service running"
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)
+        code, server = server.wait(timeout=90), None
+        return code
+
     try:
         for section, original in readme_commands():
             cmd, reason = prepare(original, full)
@@ -192,16 +220,11 @@ def run_all(demo: Path, work: Path, full: bool = False, say=print) -> Dict[str, 
                     time.sleep(0.5)
                 ok = server.poll() is None and _health()
                 err = "" if ok else server.stderr.read().decode(errors="replace")[-500:]
-            elif cmd.startswith("unset "):
-                for name in cmd.split()[1:]:
-                    env.pop(name, None)
-                ok, err = True, ""
-            elif cmd.startswith("export "):
-                name = cmd.split()[1].split("=")[0]
-                proc = subprocess.run(["bash", "-c", f'{cmd}; printf %s "${name}"'], cwd=work, env=env,
-                                      capture_output=True, text=True)
-                env[name] = proc.stdout
-                ok, err = proc.returncode == 0 and bool(proc.stdout), proc.stderr
+            elif cmd.startswith("kill -TERM <pid>"):  # the service drains and exits 0
+                code = drain()
+                ok, err = code == 0, f"the service exited with {code}"
+            elif cmd.startswith(("export ", "unset ")):
+                ok, err = _environment(cmd, work, env)
             else:
                 proc = subprocess.run(["bash", "-c", cmd], cwd=work, env=env, capture_output=True, text=True,
                                       timeout=1800)
