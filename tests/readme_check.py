@@ -186,7 +186,7 @@ def run_all(demo: Path, work: Path, full: bool = False, say=print) -> Dict[str, 
             import signal
 
             os.killpg(server.pid, signal.SIGTERM)  # the shell and the service it started
-            server.wait(timeout=30)
+            server.wait(timeout=90)
             server = None
             deadline = time.time() + 30
             while _health() and time.time() < deadline:
@@ -214,7 +214,7 @@ def run_all(demo: Path, work: Path, full: bool = False, say=print) -> Dict[str, 
                 stop_server()
                 if _health():
                     raise SystemExit("port 8000 is taken by another service: stop it first")
-                server = subprocess.Popen(cmd.rstrip("& "), shell=True, cwd=work, env=env,
+                server = subprocess.Popen("exec " + cmd.rstrip("& "), shell=True, cwd=work, env=env,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
                 while not _health() and server.poll() is None and time.time() - started < 120:
                     time.sleep(0.5)
