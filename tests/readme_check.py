@@ -161,12 +161,10 @@ def _environment(cmd: str, work: Path, env: Dict[str, str]) -> Tuple[bool, str]:
     return proc.returncode == 0 and bool(proc.stdout), proc.stderr
 
 
-def run_all(demo: Path, work: Path, full: bool = False, say=print) -> Dict[str, List[str]]:
-    """Run the README's commands top to bottom in ``work`` (``demo_out`` -> ``demo``)."""
+def _prepare_work(demo: Path, work: Path) -> Dict[str, str]:
+    """An empty ``work`` with ``demo_out`` -> ``demo`` and ``moeclip``/``python`` on PATH: the environment."""
     import os
-    import subprocess
     import sys
-    import time
 
     work.mkdir(parents=True, exist_ok=True)
     if any(work.iterdir()):
@@ -174,9 +172,21 @@ def run_all(demo: Path, work: Path, full: bool = False, say=print) -> Dict[str, 
     (work / "demo_out").symlink_to(demo.resolve())
     shim = work / ".bin"
     shim.mkdir()
-    (shim / "moeclip").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m moeclip "$@"\n')
-    (shim / "moeclip").chmod(0o755)
-    env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"}
+    # the README's `moeclip` and `python` are the installed environment's (a script: a symlink would
+    # hide the virtual environment from the interpreter)
+    for name, args in (("moeclip", " -m moeclip"), ("python", ""), ("python3", "")):
+        (shim / name).write_text(f'#!/bin/sh\nexec "{sys.executable}"{args} "$@"\n')
+        (shim / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"}
+
+
+def run_all(demo: Path, work: Path, full: bool = False, say=print) -> Dict[str, List[str]]:
+    """Run the README's commands top to bottom in ``work`` (``demo_out`` -> ``demo``)."""
+    import os
+    import subprocess
+    import time
+
+    env = _prepare_work(demo, work)
     report: Dict[str, List[str]] = {"ok": [], "failed": [], "collision": [], "skipped": []}
     server = None
 
