@@ -285,3 +285,56 @@ def test_unknown_policy_is_user_error(tmp_path):
     Image.new("L", (2, 2)).save(p)
     with pytest.raises(MoECLIPError, match="policy"):
         load_mask(p, policy="otsu")
+
+
+# ---------------------------------------------------------------------------
+# file modes of everything the package writes
+# ---------------------------------------------------------------------------
+
+_WRITERS = r'''
+import sys, pathlib
+sys.path.insert(0, sys.argv[3])
+from conftest import make_tiny_checkpoint, train_args
+from moeclip.cli import main
+from moeclip.data.synth import generate_dataset
+out, clip = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+generate_dataset(out / "data" / "train", ["disc"], n_normal=3, n_anomalous=3, image_size=64, seed=0)
+normal = out / "data" / "train" / "disc" / "test" / "good"
+ck = make_tiny_checkpoint(clip, out / "ckpt", seed=0)                                 # save_checkpoint
+assert main(train_args(out / "data", clip, out / "run", "--epochs", "2")) == 0  # checkpoint/ replaced
+assert main(["calibrate", "--checkpoint", str(ck), "--normal", str(normal), "--reference",
+             "--out", str(out / "deploy.json")]) == 0                                 # deployment + bank
+from moeclip import Detector
+det = Detector.from_checkpoint(ck).with_references(str(normal), object="object")
+det.references.save(out / "banks")                                                   # few-shot banks
+assert main(["export", "onnx", "--checkpoint", str(ck), "--out", str(out / "m.onnx")]) == 0
+assert main(["export", "openvino", "--checkpoint", str(ck), "--out", str(out / "ov")]) == 0
+assert main(["predict", "--checkpoint", str(ck), str(normal), "--out", str(out / "preds")]) == 0
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("umask", [0o002, 0o077])
+def test_written_files_follow_the_umask(tmp_path, tiny_clip_config, umask):
+    """Every output (safetensors checkpoints and banks, folders moved into place, OpenVINO's folder,
+    JSON, ONNX, maps) gets the mode ``open()``/``mkdir`` give under the umask, never 0600/0700 only."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    pytest.importorskip("openvino")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", _WRITERS, str(out), str(tiny_clip_config),
+                          str(Path(__file__).parent)], env=env, preexec_fn=lambda: os.umask(umask),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    paths = [p for p in out.rglob("*") if p.relative_to(out).parts[0] != "data"]
+    suffixes = {p.suffix for p in paths if p.is_file()}
+    assert {".safetensors", ".json", ".onnx", ".xml", ".bin", ".npy", ".png", ".jsonl"} <= suffixes
+    assert (out / "deploy.bank.safetensors").is_file() and (out / "run" / "checkpoint").is_dir()
+    wrong = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in paths
+             if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~umask}
+    assert not wrong

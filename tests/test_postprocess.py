@@ -93,6 +93,26 @@ def test_post_processor_outputs():
         post.with_domain("space")
 
 
+def test_heat_map_shows_where_the_model_looks_without_a_calibration():
+    # the demo's model: raw maps around -40 for 12 maps, a defect 7 units higher. The uncalibrated
+    # probability is ~0.001 everywhere (a uniformly blue picture); the per-image scale spans [0, 1]
+    raw = np.full((S, S), -40.0, np.float32)
+    raw[20:30, 40:50] = -33.0
+    raw[0, 0] = -41.0
+    post = pp.PostProcessor(NUM_MAPS)
+    assert float(pp.map_probability(raw, NUM_MAPS).max()) < 0.01
+    unit = post.unit_map(raw)
+    assert post.map_scale == "per-image"
+    assert unit[25, 45] == 1.0 and unit[0, 0] == 0.0
+    assert unit[5, 5] == pytest.approx(1.0 / 8.0)  # (-40 - -41) / (-33 - -41)
+    assert not post.unit_map(np.full((4, 4), 3.0, np.float32)).any()  # a flat map: nothing to show
+    # a calibration keeps its absolute scale: the same map of another image keeps its colours
+    cal = pp.PostProcessor(NUM_MAPS, normalization=NORM)
+    assert cal.map_scale == "calibrated"
+    np.testing.assert_allclose(cal.unit_map(raw), np.clip((raw + 3.0) / 33.0, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(cal.unit_map(raw + 10), np.clip((raw + 13.0) / 33.0, 0, 1), atol=1e-6)
+
+
 def test_resize_map_equals_torch_upsampling():
     import torch.nn.functional as F
 

@@ -62,13 +62,20 @@ def test_folder_outputs_match_detector(tiny_ckpt, detector, images, tmp_path):
     good = [r for r in rows if "error" not in r]
     names = [r["name"] for r in good]
     assert len(set(names)) == 4 and {"a", "a-2"} <= set(names)  # colliding stems made unique
+    import matplotlib
+
     for r in good:
         assert r["object"] == "object" and r["object_source"] == "generic"
         assert 0.0 <= r["score"] <= 1.0 and "decision" not in r
         img = Image.open(r["path"])
         amap = np.load(out / r["map"])
         assert amap.dtype == np.float32 and amap.shape == (img.height, img.width)
-        assert Image.open(out / r["overlay"]).size == img.size
+        # no calibration: the overlay colours this map's own range, blue (min) to red (max)
+        assert r["map_scale"] == "per-image"
+        drawn = np.asarray(Image.open(out / r["overlay"]).convert("RGB"), np.float32)
+        unit = (amap - amap.min()) / (amap.max() - amap.min())
+        heat = matplotlib.colormaps["jet"](unit)[..., :3] * 255.0
+        np.testing.assert_allclose(drawn, (np.asarray(img.convert("RGB"), np.float32) + heat) / 2, atol=1.5)
         ref = detector.predict([r["path"]])[0]  # the same model through the Python API
         # batches of 2 (CLI) vs 1 (API): float32 of another batch grouping (maps ~20-30, scores on [0, 1])
         assert_f32_close(amap, ref.anomaly_map, what=r["path"])

@@ -203,3 +203,70 @@ def test_uri_inputs_are_listed_like_local_ones(images):
                                                   "s0.png")]
     assert len(list_inputs([images.as_uri() + "/**/*.png"])) == len(local)
     assert [j.key for j in list_inputs([images.as_uri() + "/nut/none.png"])] == [images.as_uri() + "/nut/none.png"]
+
+
+def test_a_run_that_cannot_start_leaves_a_rerunnable_folder(ckpt, images, tmp_path, monkeypatch, capsys):
+    """A Ray connection failure creates nothing in --out: the same command without --ray then runs."""
+    from moeclip.integrations import ray as moeray
+
+    def refuse(*a, **k):
+        raise ConnectionError("Could not find any running Ray instance")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(moeray, "match_auth_mode", lambda address: None)
+    out = tmp_path / "out"
+    assert main(args(ckpt, images, out, "--ray", "auto")) == 2
+    assert "no Ray cluster to join" in capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.undo()
+    assert main(args(ckpt, images, out)) == 0
+    assert len(lines(out)) == 13  # 12 images and the unreadable one
+    # what an earlier version left after such a failure (an empty results.jsonl, empty folders) is no run
+    left = tmp_path / "left"
+    (left / "maps").mkdir(parents=True)
+    (left / "overlays").mkdir()
+    (left / "results.jsonl").touch()
+    assert main(args(ckpt, images, left)) == 0 and len(lines(left)) == 13
+    # and --overwrite deletes nothing before the first result: a failed start keeps the earlier results
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(moeray, "match_auth_mode", lambda address: None)
+    before = (out / "results.jsonl").read_bytes()
+    assert main(args(ckpt, images, out, "--ray", "auto", "--overwrite")) == 2
+    assert (out / "results.jsonl").read_bytes() == before and len(list((out / "maps").iterdir())) == 12
+
+
+def test_joins_a_cluster_in_its_authentication_mode(tmp_path, monkeypatch, capsys):
+    """Ray >= 2.59: a driver that finds a token sends it; a cluster without authentication then fails
+    with InvalidAuthToken. With a token here and a cluster that answers without one, join without."""
+    from moeclip.integrations import ray as moeray
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    probed = []
+    monkeypatch.setattr(moeray, "cluster_without_auth", lambda a: probed.append(a) or True)
+    assert moeray.match_auth_mode("auto") is None and probed == []  # no token here: nothing to match
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("secret")
+    assert moeray.match_auth_mode("ray://head:10001") is None  # Ray Client: left to Ray
+    assert moeray.match_auth_mode("auto") == "disabled" and probed == ["auto"]
+    assert "RAY_AUTH_MODE=disabled" in capsys.readouterr().err
+    import os
+
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+    assert moeray.match_auth_mode("auto") is None  # set (by the user, or above): respected
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.setattr(moeray, "cluster_without_auth", lambda a: False)  # a cluster with tokens
+    assert moeray.match_auth_mode("10.0.0.1:6379") is None and "RAY_AUTH_MODE" not in os.environ
+    # a cluster that wants a token this machine lacks: one clear line
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+    def no_token(*a, **k):
+        raise RuntimeError("Token authentication is enabled but no authentication token was found")
+
+    monkeypatch.setattr(ray, "init", no_token)
+    with pytest.raises(moeray.MoECLIPError, match="ray get-auth-token"):
+        moeray.connect("10.0.0.1:6379")

@@ -109,6 +109,22 @@ def test_predict_matches_detector(client, detector):
     assert decode_data_url(j["mask"]).mode == "L"
 
 
+def test_heat_map_scale_per_image_without_calibration(client, tiny_ckpt):
+    # a deployment with bounds: the calibrated scale, said in the answer
+    assert post(client, png(48, 80)).json()["map_scale"] == "calibrated"
+    from moeclip.inference.detector import Detector
+
+    app = create_app(Detector.from_checkpoint(tiny_ckpt, device="cpu"), None, max_display_side=64)
+    with TestClient(app) as c:
+        j = post(c, png(48, 80), object="hex nut").json()
+        assert "per image" in c.get("/").text
+    assert j["map_scale"] == "per-image"
+    heat = np.asarray(decode_data_url(j["heatmap"]).convert("RGB")).reshape(-1, 3)
+    # the map's own minimum and maximum: jet's dark blue (0, 0, 128) and dark red (128, 0, 0) both appear
+    assert (np.abs(heat.astype(int) - [0, 0, 128]).sum(1) <= 2).any()
+    assert (np.abs(heat.astype(int) - [128, 0, 0]).sum(1) <= 2).any()
+
+
 def test_default_object_jpeg_and_medical(client):
     r = post(client, png(fmt="JPEG"), ctype="image/jpeg", domain="medical")
     assert r.status_code == 200, r.text

@@ -37,6 +37,8 @@ def test_train_then_test(synth, tiny_clip_config, tmp_path, capsys):
     assert (out / "results.csv").read_text().startswith("dataset,class,pixel_auroc")
     printed = capsys.readouterr().out
     assert "| wood |" in printed and "**average**" in printed
+    table = (out / "results.md").read_text()  # the printed table, also as a file
+    assert "| wood |" in table and table.strip() in printed
     # same inputs, same numbers
     out2 = tmp_path / "eval2"
     main(["test", "--checkpoint", str(ckpt), "--data", f"folder={synth / 'held'}", "--out", str(out2)])
@@ -129,6 +131,41 @@ def test_torchrun_two_process_evaluation_equals_one_process(synth, tiny_clip_con
 
 
 @pytest.mark.slow
+def test_resume_refuses_other_data_or_settings(synth, tiny_clip_config, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    assert main(train_args(synth, tiny_clip_config, run, "--epochs", "1", "--seed", "7")) == 0
+    before = (run / "checkpoint" / "adapters.safetensors").read_bytes()
+    capsys.readouterr()
+    # other data: the held-out folder instead of the training one
+    args = train_args(synth, tiny_clip_config, run, "--epochs", "2", "--seed", "7", "--resume")
+    args[args.index("--data") + 1] = f"folder={synth / 'held'}"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--data" in err and str((synth / "train").resolve()) in err and str((synth / "held").resolve()) in err
+    assert "12 -> 6" in err and "another --out" in err
+    # other optimiser and model settings
+    assert main(train_args(synth, tiny_clip_config, run, "--epochs", "2", "--seed", "7", "--resume",
+                           "--gamma", "0.1", "--experts", "2")) == 2
+    err = capsys.readouterr().err
+    assert "optimiser gamma 0.5 -> 0.1" in err and "model adapter.num_experts 4 -> 2" in err
+    # the same data moved elsewhere (resolved paths differ, content the same): resumes
+    moved = tmp_path / "moved" / "train"
+    shutil.copytree(synth / "train", moved)
+    args = train_args(synth, tiny_clip_config, run, "--epochs", "2", "--seed", "7", "--resume")
+    args[args.index("--data") + 1] = f"folder={moved}"
+    assert (run / "checkpoint" / "adapters.safetensors").read_bytes() == before  # refusals changed nothing
+    assert main(args) == 0
+    assert "same content: resuming" in capsys.readouterr().out
+    # the same names with another content (an image rewritten, other size) is other data
+    img = sorted((moved / "disc" / "test" / "good").glob("*.png"))[0]
+    img.write_bytes(img.read_bytes() + b"\0")
+    assert main(args) == 2
+    assert "other images (12 -> 12" in capsys.readouterr().err
+
+
 def test_killed_run_resumes_to_the_same_weights(synth, tiny_clip_config, tmp_path):
     """SIGKILL in the middle of epoch 2, --resume, compare with an uninterrupted run."""
     import signal

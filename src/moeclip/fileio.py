@@ -1,7 +1,9 @@
 """Atomic file writes: a temporary file in the same folder, then ``os.replace``.
 
 An interrupted run never leaves a half-written checkpoint, manifest, map, picture or result
-file. Every writer of the package goes through here.
+file. Every writer of the package goes through here. What appears gets the mode a plain
+``open()`` or ``mkdir`` would give under the process's umask (0644 / 0755 under umask 022), not the
+0600 / 0700 of temporary files: a service under another account can read a colleague's checkpoint.
 """
 from __future__ import annotations
 
@@ -27,6 +29,21 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def plain_mode(path: PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes ``open()``/``mkdir`` would."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        os.chmod(path, 0o777 & ~_UMASK)
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~_UMASK)
+            for f in files:
+                if not os.path.islink(os.path.join(root, f)):
+                    os.chmod(os.path.join(root, f), 0o666 & ~_UMASK)
+    else:
+        os.chmod(path, 0o666 & ~_UMASK)
+
+
 @contextlib.contextmanager
 def _temporary(path: PathLike, overwrite: bool) -> Iterator[str]:
     """Yield a temporary file name beside ``path``; on success it replaces ``path``."""
@@ -42,6 +59,8 @@ def _temporary(path: PathLike, overwrite: bool) -> Iterator[str]:
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; keep normal permissions
         yield tmp
+        # again: some writers (safetensors) replace the file with one of their own, 0600
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -81,8 +100,12 @@ def atomic_copy(src: PathLike, dst: PathLike) -> None:
 
 
 def replace_dir(tmp: PathLike, final: PathLike) -> None:
-    """Move a fully written folder ``tmp`` to ``final``; the old ``final`` is removed only afterwards."""
+    """Move a fully written folder ``tmp`` to ``final``; the old ``final`` is removed only afterwards.
+
+    The folder and its files get plain modes first (``tempfile.mkdtemp`` makes 0700 folders).
+    """
     tmp, final = Path(tmp), Path(final)
+    plain_mode(tmp)
     old = final.with_name(final.name + ".old")
     if old.exists():
         shutil.rmtree(old)

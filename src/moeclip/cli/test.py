@@ -15,7 +15,8 @@ def register(sub) -> None:
                                    "image score; pixel AUROC/AP/AUPRO/F1-max and image AUROC/AP/F1-max.")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH", required=True,
                    help="evaluation data (repeatable), e.g. MVTec=/data/mvtec, folder=/data/mine")
-    p.add_argument("--out", required=True, metavar="DIR", help="writes results.json, results.csv (and maps, overlays)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="writes results.json, results.csv, results.md (the printed table; and maps, overlays)")
     p.add_argument("--descriptions", help="class -> object description file (JSON or 'class: text' lines)")
     p.add_argument("--fix-typos", action="store_true", help="use corrected prompts (e.g. MVTec capsule)")
     p.add_argument("--domain", choices=["industrial", "medical"], help="override the dataset's domain")
@@ -125,8 +126,10 @@ def _run(args, out: Path, device) -> int:
 
         report = report_from_eval(out, results, model.config.to_dict())
         print(f"report: {report}")
-    print(format_table(results))
-    print(f"\nresults written to {out / 'results.json'} and {out / 'results.csv'}")
+    table = format_table(results)
+    atomic_write_text(out / "results.md", table + "\n")
+    print(table)
+    print(f"\nresults written to {out / 'results.json'}, {out / 'results.csv'} and {out / 'results.md'}")
     return 0
 
 
@@ -183,7 +186,10 @@ def _run_few_shot(args, out: Path, device, model, sources) -> int:
 
         print(f"report (seed {seeds[0]}): {report_from_eval(out, [r.per_seed[0] for r in results], doc['config'])}")
     k = "all" if args.shots is None else args.shots
-    print(f"few-shot: {k} reference(s) per class, seeds {','.join(map(str, seeds))}; mean ± std over seeds")
-    print(format_table_seeds([(r.source, r.stats) for r in results]))
-    print(f"\nresults written to {out / 'results.json'} and {out / 'results.csv'}")
+    head = f"few-shot: {k} reference(s) per class, seeds {','.join(map(str, seeds))}; mean ± std over seeds"
+    table = format_table_seeds([(r.source, r.stats) for r in results])
+    atomic_write_text(out / "results.md", f"{head}\n\n{table}\n")
+    print(head)
+    print(table)
+    print(f"\nresults written to {out / 'results.json'}, {out / 'results.csv'} and {out / 'results.md'}")
     return 0

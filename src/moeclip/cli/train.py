@@ -103,7 +103,14 @@ def run(args) -> int:
 
     from ..engine import distributed as D
     from ..engine.sources import build_sources
-    from ..engine.train import TrainConfig, Trainer, prepare_run_dir
+    from ..engine.train import (
+        TrainConfig,
+        Trainer,
+        check_resume_settings,
+        prepare_run_dir,
+        record_run_settings,
+        run_settings,
+    )
     from ..fileio import atomic_write_text
     from ..model.moeclip import MoECLIP
     from ..precision import resolve_device
@@ -117,18 +124,22 @@ def run(args) -> int:
         sources = build_sources(args.data, descriptions=args.descriptions, report=say)
         val = build_sources(args.val, descriptions=args.descriptions, report=say) if args.val else []
         config = model_config_from_args(args)
-        if args.resume:
-            from ..model.checkpoint import read_checkpoint
-
-            config, _, _ = read_checkpoint(run_dir / "checkpoint")
-        torch.manual_seed(args.seed)  # FOFS matrices and projection init
-        model = MoECLIP.from_config(config).to(device)
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           milestones=tuple(int(x) for x in args.milestones.split(",") if x.strip()),
                           gamma=args.gamma, seed=args.seed, precision=args.precision, grad_accum=args.grad_accum,
                           workers=args.workers, grad_checkpoint=args.grad_checkpoint, max_steps=args.max_steps,
                           augment=not args.no_augment,
                           include_backbone=args.include_backbone or config.backbone.pretrained is None)
+        settings = run_settings(sources, config, cfg, val)
+        if args.resume:
+            from ..model.checkpoint import read_checkpoint
+
+            check_resume_settings(run_dir, settings, say)
+            config, _, _ = read_checkpoint(run_dir / "checkpoint")
+        elif D.is_main():
+            record_run_settings(run_dir, settings)
+        torch.manual_seed(args.seed)  # FOFS matrices and projection init
+        model = MoECLIP.from_config(config).to(device)
         trainer = Trainer(model, sources, cfg, run_dir, device, val_sources=val)
         if args.resume:
             trainer.resume()

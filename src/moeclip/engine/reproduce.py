@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..data.registry import get_dataset, list_datasets
 from ..errors import MoECLIPError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, replace_dir
 from ..metrics.protocol import mean_std
 from ..model.config import ModelConfig
 from .config import TrainConfig
@@ -542,9 +542,7 @@ def _run_test(plan: Plan, stage: Stage, device, say, progress: bool, cache: dict
     atomic_write_text(part / "results.json", doc)
     atomic_write_text(part / "results.csv", table)
     _mark_done(part, spec, started, {"results": "results.json", "model_stamp": model_stamp(plan, stage)})
-    if folder.exists():
-        shutil.rmtree(folder)  # an incomplete leftover, or the results of a model trained again
-    os.replace(part, folder)
+    replace_dir(part, folder)  # over an incomplete leftover, or the results of a model trained again
 
 
 def run_plan(plan: Plan, *, say: Callable[[str], None] = print, progress: bool = True) -> Dict[str, Path]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import random
@@ -10,7 +12,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..data.dataset import ZSADDataset, collate
 from ..errors import MoECLIPError
-from ..fileio import atomic_copy, replace_dir
+from ..fileio import atomic_copy, atomic_write_text, replace_dir
 from ..model.checkpoint import save_checkpoint
 from ..precision import autocast
 from . import distributed as dist_utils
@@ -30,6 +32,7 @@ from .evaluate import EvalSource, evaluate_source
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+SETTINGS_FILE = "run_settings.json"  # what a run started with; --resume must match it
 LAST_DIR = "checkpoint"
 BEST_DIR = "best"
 #: Test hook (unset in normal use): the run SIGKILLs itself right after this optimiser step is logged, a real
@@ -87,6 +90,114 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     elif resume:
         raise MoECLIPError(f"{run_dir}: nothing to resume")
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+#: Training options a resumed run must keep (its optimiser state and schedule were made with them).
+#: ``epochs`` and ``max_steps`` may change (train longer); runtime options may change too.
+RESUME_KEYS = ("batch_size", "lr", "betas", "milestones", "gamma", "seed", "precision", "grad_accum", "augment")
+
+
+def data_fingerprint(source: EvalSource) -> Dict:
+    """What a training source holds, independent of where it lies.
+
+    Its root is the resolved common folder of its files; the content is a SHA-1 over each sample's
+    path relative to that root, label, class, mask and file sizes, plus the class descriptions.
+    Sizes, not bytes: hashing VisA's 2 GB at every resume would cost minutes, and a copied or
+    moved dataset keeps its names and sizes, so it is recognised as the same data.
+    """
+    files = [os.path.realpath(s.image_path) for s in source.samples]
+    files += [os.path.realpath(s.mask_path) for s in source.samples if s.mask_path]
+    root = os.path.commonpath(files) if files else ""
+    if files and os.path.isfile(root):
+        root = os.path.dirname(root)
+
+    def rel(path: Optional[str]) -> str:
+        return "" if not path else os.path.relpath(os.path.realpath(path), root)
+
+    def size(path: Optional[str]) -> int:
+        try:
+            return os.path.getsize(path) if path else -1
+        except OSError:
+            return -1
+
+    rows = sorted(f"{rel(s.image_path)}|{s.label}|{s.class_name}|{rel(s.mask_path)}|"
+                  f"{size(s.image_path)}|{size(s.mask_path)}" for s in source.samples)
+    classes = sorted({s.class_name for s in source.samples})
+    described = json.dumps({c: source.describe(c) for c in classes}, sort_keys=True)
+    return {"name": source.name, "root": root, "images": len(rows),
+            "content": hashlib.sha1("\n".join(rows).encode()).hexdigest(),
+            "descriptions": hashlib.sha1(described.encode()).hexdigest()}
+
+
+def run_settings(sources: Sequence[EvalSource], model_config, cfg: TrainConfig,
+                 val_sources: Sequence[EvalSource] = ()) -> Dict:
+    """The settings of a run (JSON-normalised): data, model and optimiser, as ``--resume`` compares them."""
+    optimiser = {k: v for k, v in dataclasses.asdict(cfg).items() if k in RESUME_KEYS}
+    model = model_config.to_dict()
+    for k in ("model", "pretrained"):  # local files by resolved path
+        v = model["backbone"].get(k)
+        if isinstance(v, str) and os.path.isfile(v):
+            model["backbone"][k] = os.path.realpath(v)
+    doc = {"data": [data_fingerprint(s) for s in sources], "val": [data_fingerprint(s) for s in val_sources],
+           "model": model, "optimiser": optimiser}
+    return json.loads(json.dumps(doc))
+
+
+def record_run_settings(run_dir: Path, settings: Dict) -> None:
+    atomic_write_text(Path(run_dir) / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+
+
+def _data_changes(kind: str, before: List[Dict], now: List[Dict]) -> List[str]:
+    if len(before) != len(now):
+        return [f"{kind}: {len(before)} source(s) -> {len(now)}"]
+    out = []
+    for b, n in zip(before, now):
+        where = b["root"] if b["root"] == n["root"] else f"{b['root']} -> {n['root']}"
+        if b["content"] != n["content"]:
+            out.append(f"{kind} {n['name']} ({where}): other images ({b['images']} -> {n['images']}, "
+                       "or other names, labels, masks or file sizes)")
+        elif b["descriptions"] != n["descriptions"]:
+            out.append(f"{kind} {n['name']}: other class descriptions (--descriptions)")
+    return out
+
+
+def _dict_changes(kind: str, before: Dict, now: Dict, prefix: str = "") -> List[str]:
+    out = []
+    for k in sorted(set(before) | set(now)):
+        b, n = before.get(k), now.get(k)
+        if isinstance(b, dict) and isinstance(n, dict):
+            out += _dict_changes(kind, b, n, f"{prefix}{k}.")
+        elif b != n:
+            out.append(f"{kind} {prefix}{k} {b!r} -> {n!r}")
+    return out
+
+
+def check_resume_settings(run_dir: Path, settings: Dict, say: Callable[[str], None] = print) -> None:
+    """Refuse to resume with other data, model or optimiser settings than the run started with.
+
+    Data count as the same when their content fingerprint matches (:func:`data_fingerprint`),
+    wherever they lie now: a moved or copied dataset resumes, with a note.
+    """
+    path = Path(run_dir) / SETTINGS_FILE
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        say(f"note: {run_dir} records no settings ({SETTINGS_FILE}: started by an older moeclip); "
+            "resuming without checking that data and settings are the same")
+        return
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MoECLIPError(f"{path}: unreadable ({exc}); delete it to resume without the check") from None
+    changes = (_data_changes("--data", before.get("data", []), settings["data"])
+               + _data_changes("--val", before.get("val", []), settings["val"])
+               + _dict_changes("model", before.get("model", {}), settings["model"])
+               + _dict_changes("optimiser", before.get("optimiser", {}), settings["optimiser"]))
+    if changes:
+        raise MoECLIPError(f"{run_dir}: --resume with other settings than the run started with: "
+                           f"{'; '.join(changes)}. Resume with the recorded settings ({path}), or start a new "
+                           "run with another --out (or --overwrite to replace this one)")
+    for b, n in zip(before.get("data", []) + before.get("val", []), settings["data"] + settings["val"]):
+        if b["root"] != n["root"]:
+            say(f"note: {n['name']} moved ({b['root']} -> {n['root']}), same content: resuming")
 
 
 class Trainer:

@@ -73,13 +73,19 @@ class ExportedRuntime(Runtime):
         raise NotImplementedError
 
     def raw(self, images: Sequence[Image.Image], object: Optional[str] = None,
-            domain: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """RGB PIL images -> (raw maps (B, S, S), raw image scores (B,)) for the exported object."""
+            domain: Optional[str] = None) -> Tuple[np.ndarray, ...]:
+        """RGB PIL images -> (raw maps (B, S, S), raw image scores (B,)[, extras]) for the exported object.
+
+        A few-shot export adds ``{"references": K}`` (its metadata), as PyTorch's few-shot lines carry it.
+        """
         if object not in (None, self.object) or domain not in (None, self.domain):
             raise MoECLIPError(f"{self.path} was exported for {self.object!r} ({self.domain}); "
                                f"export again for {object!r} ({domain})")
         out = self.run(np.stack([preprocess(img, self.image_size) for img in images]))
-        return out["anomaly_map"].astype(np.float32), out["image_score"].astype(np.float32)
+        maps, scores = out["anomaly_map"].astype(np.float32), out["image_score"].astype(np.float32)
+        if "references" in self.metadata:
+            return maps, scores, {"references": np.full(len(images), int(self.metadata["references"]))}
+        return maps, scores
 
 
 class ExportedDetector:

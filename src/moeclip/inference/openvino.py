@@ -17,7 +17,6 @@ Importing this module imports neither torch nor openvino.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from ..errors import MoECLIPError
+from ..fileio import replace_dir
 from .deploy import Deployment
 from .exported import CLIP_MEAN, CLIP_STD, ExportedDetector, ExportedRuntime
 from .onnx import export_onnx
@@ -80,9 +80,7 @@ def export_openvino(detector, out_dir: str | Path, object: Optional[str] = None,
             model.set_rt_info(str(value), [RT_SECTION, key])
         ov.save_model(model, str(work / MODEL_FILE), compress_to_fp16=fp16)
         (work / SIDECAR).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
+        replace_dir(work, out)  # plain modes (mkdtemp made it 0700), then in place
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)

@@ -295,7 +295,7 @@ def result_record(job: Job, scored: Scored, image, post: PostProcessor, name: Op
         rec["name"] = name
     rec.update({"score": scored.score, "raw_score": scored.raw_score, "map_max": scored.map_max,
                 "object": job.object, "object_source": job.source, "domain": post.domain,
-                "width": image.width, "height": image.height})
+                "width": image.width, "height": image.height, "map_scale": post.map_scale})
     if scored.decision is not None:
         rec["decision"] = scored.decision
         rec["threshold"] = post.threshold
@@ -305,8 +305,25 @@ def result_record(job: Job, scored: Scored, image, post: PostProcessor, name: Op
 
 
 # ---------------------------------------------------------------------------- outputs
+def is_empty_run(out: Path) -> bool:
+    """``out`` holds nothing, or only what a run that never scored an image leaves (an empty
+    results.jsonl, empty output folders): such a folder takes a new run without ``--overwrite``."""
+    for entry in Path(out).iterdir():
+        if entry.name == RESULTS_FILE and entry.is_file() and entry.stat().st_size == 0:
+            continue
+        if entry.name in OUTPUT_DIRS and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        return False
+    return True
+
+
 class ResultWriter:
-    """Writes the output folder; each result line is flushed as soon as its files exist."""
+    """Writes the output folder; each result line is flushed as soon as its files exist.
+
+    Nothing is created, and nothing an ``--overwrite`` replaces is deleted, before the first result:
+    a run that cannot start (a Ray cluster out of reach, a model that fails to load) leaves the
+    folder as it was, and the same command can run again.
+    """
 
     def __init__(self, out: Path, overwrite: bool = False, resume: bool = False, maps: bool = True,
                  overlays: bool = True, masks: bool = False):
@@ -315,19 +332,29 @@ class ResultWriter:
         self.maps, self.overlays, self.masks = maps, overlays, masks
         self.names: set = set()
         self.done: set = set()
+        self.fh = None
+        self._clear = False
         if self.out.exists() and not self.out.is_dir():
             raise MoECLIPError(f"--out {self.out}: exists and is not a folder")
-        if self.out.is_dir() and any(self.out.iterdir()):
+        if self.out.is_dir() and not is_empty_run(self.out):
             if resume:
                 self._load_previous()
             elif overwrite:
-                self.results.unlink(missing_ok=True)
-                for d in OUTPUT_DIRS:
-                    shutil.rmtree(self.out / d, ignore_errors=True)
+                self._clear = True
             else:
                 raise MoECLIPError(f"--out {self.out}: folder is not empty (use --overwrite to replace "
                                    "earlier results or --resume to continue them)")
-        for d, on in zip(OUTPUT_DIRS, (maps, overlays, masks)):
+
+    def _start(self) -> None:
+        """Create the folder (and replace earlier results) when the first result arrives."""
+        if self.fh is not None:
+            return
+        if self._clear:
+            self.results.unlink(missing_ok=True)
+            for d in OUTPUT_DIRS:
+                shutil.rmtree(self.out / d, ignore_errors=True)
+            self._clear = False
+        for d, on in zip(OUTPUT_DIRS, (self.maps, self.overlays, self.masks)):
             if on:
                 (self.out / d).mkdir(parents=True, exist_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -365,6 +392,7 @@ class ResultWriter:
         return name
 
     def _emit(self, record: Dict[str, Any]) -> None:
+        self._start()
         self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.fh.flush()
 
@@ -373,6 +401,7 @@ class ResultWriter:
 
     def write(self, job: Job, scored: Scored, image, post: PostProcessor) -> Dict[str, Any]:
         """Write the files of one result, then its line (so a line implies its files exist)."""
+        self._start()
         name = self.unique_name(job.path)
         rec = result_record(job, scored, image, post, name)
         if self.maps:
@@ -391,6 +420,8 @@ class ResultWriter:
         return rec
 
     def close(self) -> None:
+        if self.fh is None:
+            return
         self.fh.flush()
         try:
             os.fsync(self.fh.fileno())

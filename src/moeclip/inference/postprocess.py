@@ -14,6 +14,9 @@ Scales:
 - calibrated: min-max with the bounds a deployment file measured (:class:`Normalization`), the
   single-image analogue of the official per-class normalisation.
 
+Heat maps and overlays colour the calibrated scale when there is one, else each map's own range
+(``map_scale`` "calibrated" / "per-image", :func:`unit_map`).
+
 The image score is the domain's rule (:meth:`~moeclip.model.domain.Domain.combine`) applied to
 the map maximum and the raw image score once both are on one of those [0, 1] scales.
 """
@@ -88,16 +91,33 @@ class Normalization:
         return cls(m0, m1, s0, s1)
 
 
-def unit_map(raw_map, normalization: Optional[Normalization], num_maps: int) -> np.ndarray:
-    """Raw map -> [0, 1] on a fixed scale (the calibrated one, else the uncalibrated probability).
+#: How a heat map's colours are scaled: a deployment's calibrated bounds, or the map's own range.
+MAP_SCALES = ("calibrated", "per-image")
 
-    Fixed, so colours are comparable across images: a per-image min-max would paint every normal
-    image red somewhere.
+
+def map_scale(normalization: Optional[Normalization]) -> str:
+    """The scale :func:`unit_map` uses (``map_scale`` in result lines and the service's answers)."""
+    return "calibrated" if Normalization.from_dict(normalization) is not None else "per-image"
+
+
+def unit_map(raw_map, normalization: Optional[Normalization]) -> np.ndarray:
+    """Raw map -> [0, 1] for heat maps and overlays.
+
+    With a calibration (a deployment file's bounds): that fixed scale, so colours compare across
+    images. Without one, the map's own min-max ("per-image"): the uncalibrated probability
+    ``sigmoid(2 raw / n - 1)`` sits near 0 over the whole image whenever the raw map stays far
+    below ``n / 2`` (the demo's model: about 0.001), and a fixed scale would draw every map
+    uniformly blue. Per image, red marks where this image is most anomalous, on a normal image
+    too: read the colours with the score, or calibrate for colours that compare.
     """
+    a = np.asarray(raw_map, dtype=np.float32)
     normalization = Normalization.from_dict(normalization)
     if normalization is not None:
-        return normalization.map(raw_map, np.float32).astype(np.float32, copy=False)
-    return map_probability(raw_map, num_maps, np.float32).astype(np.float32, copy=False)
+        return normalization.map(a, np.float32).astype(np.float32, copy=False)
+    lo, hi = float(a.min()), float(a.max())
+    if not hi > lo:  # a flat map has no structure to show
+        return np.zeros_like(a)
+    return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32, copy=False)
 
 
 def image_score(map_max: float, raw_score: float, domain: "Domain | str",
@@ -242,9 +262,14 @@ class PostProcessor:
         """The same scoring under another domain's image-score rule (a per-request choice)."""
         return replace(self, domain=Domain.parse(domain).value)
 
+    @property
+    def map_scale(self) -> str:
+        """"calibrated" (a deployment's bounds) or "per-image": how :meth:`unit_map` scales."""
+        return map_scale(self.normalization)
+
     def unit_map(self, raw_map) -> np.ndarray:
-        """Raw map -> [0, 1] on this post-processor's fixed scale (what heat maps colour)."""
-        return unit_map(raw_map, self.normalization, self.num_maps)
+        """Raw map -> [0, 1] on this post-processor's heat-map scale (:func:`unit_map`)."""
+        return unit_map(raw_map, self.normalization)
 
     def mask(self, raw_map) -> Optional[np.ndarray]:
         return None if self.pixel_threshold is None else binary_mask(raw_map, self.pixel_threshold)

@@ -2,9 +2,9 @@
 
 A heat map colours a map already on [0, 1]. Which [0, 1] is a choice of the caller:
 
-- a fixed scale (:meth:`~moeclip.inference.postprocess.PostProcessor.unit_map`: the calibrated
-  normalisation or the uncalibrated probability), so colours compare across images; ``predict``
-  and ``serve`` use it;
+- :meth:`~moeclip.inference.postprocess.PostProcessor.unit_map`: a deployment's calibrated scale,
+  so colours compare across images, else the map's own range (``map_scale`` says which);
+  ``predict`` and ``serve`` use it;
 - ``stretch=True``: each map min-max scaled on its own (or to given ``lo``/``hi``), which shows
   the structure of one map whatever its level; ``moeclip test --visualize`` uses it.
 """

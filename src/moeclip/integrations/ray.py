@@ -107,12 +107,71 @@ def connect(address: Optional[str] = "local", **init_kwargs) -> bool:
     if ray.is_initialized():
         return False
     kwargs = {"include_dashboard": False, "logging_level": "WARNING", **init_kwargs}
+    address = address or "local"
+    if address != "local":
+        match_auth_mode(address)
     try:
-        ray.init(address=address or "local", **kwargs)
+        ray.init(address=address, **kwargs)
     except ConnectionError as exc:
         hint = " (start one with 'ray start --head', or use --ray local)" if address == "auto" else ""
         raise MoECLIPError(f"--ray {address}: no Ray cluster to join{hint}: {exc}") from exc
+    except Exception as exc:  # ray.exceptions.AuthenticationError, or RuntimeError "no authentication token"
+        if "token" not in str(exc).lower():
+            raise
+        raise MoECLIPError(f"--ray {address}: the cluster requires Ray's authentication token and this machine "
+                           f"has none (or another one): copy the head node's token ('ray get-auth-token' there) "
+                           f"to {Path.home() / '.ray' / 'auth_token'}, or set RAY_AUTH_TOKEN") from None
     return True
+
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+
+_PROBE = """
+import os, sys
+os.environ["RAY_AUTH_MODE"] = "disabled"
+from ray._private.services import canonicalize_bootstrap_address_or_die
+from ray._raylet import GcsClient
+address = canonicalize_bootstrap_address_or_die(sys.argv[1])
+GcsClient(address=address).internal_kv_keys(b"session_name", None, timeout=15)
+"""
+
+
+def _token_available() -> bool:
+    """Ray (>= 2.59) would find a token and send it: RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token."""
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file())
+
+
+def cluster_without_auth(address: str) -> bool:
+    """Whether the cluster at ``address`` answers a client that sends no token (a subprocess, ~1 s)."""
+    import subprocess
+
+    try:
+        probe = subprocess.run([sys.executable, "-c", _PROBE, address], capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return False
+    return probe.returncode == 0
+
+
+def match_auth_mode(address: str) -> Optional[str]:
+    """Join a cluster in its own authentication mode; returns the mode set, if any.
+
+    From Ray 2.59, a driver that finds a token (``~/.ray/auth_token``, made by any local
+    ``ray.init()``, e.g. ``predict --ray local``) sends it and expects it back, while a cluster that
+    ``ray start --head`` started before that token existed runs without authentication: its
+    workers then call the driver without a token and fail with ``InvalidAuthToken``, and the run
+    hangs. So, unless ``RAY_AUTH_MODE`` is set, a token is present and the cluster answers without
+    one, this process joins with ``RAY_AUTH_MODE=disabled``. ``ray://`` addresses (Ray Client) are
+    left to Ray.
+    """
+    if AUTH_MODE_ENV in os.environ or address.startswith("ray://") or not _token_available():
+        return None
+    if not cluster_without_auth(address):
+        return None
+    os.environ[AUTH_MODE_ENV] = "disabled"
+    print(f"note: the Ray cluster at {address} runs without token authentication although this machine has "
+          f"a Ray token: joining with {AUTH_MODE_ENV}=disabled (set {AUTH_MODE_ENV} to choose)", file=sys.stderr)
+    return "disabled"
 
 
 def _plan_actors(actors: Optional[int], gpus_per_actor: Optional[float]) -> Tuple[int, float]:
@@ -449,6 +508,7 @@ class _Writer(ResultWriter):
 
     def write_rendered(self, job: Job, record: Dict[str, Any], files: Dict[str, bytes]) -> Dict[str, Any]:
         """As :meth:`ResultWriter.write`: files first, then the line, with the same fields in the same order."""
+        self._start()
         name = self.unique_name(job.path if job.path is not None else PurePosixPath(job.key))
         rest = {k: v for k, v in record.items() if k != "path"}
         rec = {"path": record["path"], "name": name, **rest}
@@ -560,13 +620,24 @@ def predict(inputs: Sequence[str], spec: RuntimeSpec, out: Union[str, Path], *, 
                     ds = ds.map_batches(_render_batch, batch_format="numpy",
                                         fn_kwargs={"post": post, "maps": maps, "overlays": overlays})
                     ds.context.execution_options.preserve_order = True
-                _drain(ds, {j.key: j for j in todo}, writer, summary, progress)
+                try:
+                    _drain(ds, {j.key: j for j in todo}, writer, summary, progress)
+                except MoECLIPError:
+                    raise
+                except Exception as exc:  # Ray's own errors (dead actors, lost nodes): one line, not a trace
+                    if not type(exc).__module__.startswith("ray"):
+                        raise
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    done = "; the images scored so far are in results.jsonl" if writer.fh is not None else ""
+                    raise MoECLIPError(f"--ray {address}: Ray failed ({type(exc).__name__}: {first}){done}; "
+                                       "run the same command again (with --resume to keep what is done)") from exc
             finally:
                 if joined:
                     _ray().shutdown()
     finally:
         writer.close()
-    _write_parquet(out)
+    if writer.results.is_file():
+        _write_parquet(out)
     return summary, post.threshold, writer.results
 
 

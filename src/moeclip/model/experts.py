@@ -59,7 +59,8 @@ class LoRAExperts(nn.Module):
             return None
         key = (A.data_ptr(), A._version, A.device, A.dtype)
         if getattr(self, "_blocks_key", None) != key:
-            with torch.no_grad():
+            # an ordinary tensor even when first built under inference mode: training reuses it
+            with torch.inference_mode(False), torch.no_grad():
                 grid = A.view(E, r, E, d // E)
                 blocks = grid.diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()  # (E, r, d/E)
                 off = grid.abs().sum((1, 3)).fill_diagonal_(0).max().item() > 0

@@ -226,10 +226,20 @@ class MoECLIP(nn.Module):
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, text: "torch.Tensor | str", domain: "Domain | str" = "industrial",
                 out_size: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
-        """Raw anomaly maps (B, H, W) at ``out_size`` (default: the input size) and raw image scores (B,)."""
+        """Raw anomaly maps (B, H, W) at ``out_size`` (default: the input size) and raw image scores (B,).
+
+        Always without LoRA dropout, also on a model left in training mode (a fresh one is).
+        """
         if isinstance(text, str):
             text = self.text_features(text)
-        out = self.encode_image(images, compute_losses=False)
+        training = self.training
+        if training:
+            self.train(False)
+        try:
+            out = self.encode_image(images, compute_losses=False)
+        finally:
+            if training:
+                self.train(True)
         text = text.to(out.det_feature.dtype)
         size = tuple(out_size) if out_size is not None else tuple(images.shape[-2:])
         maps = anomaly_map(out.seg_features, text, out.grid, size, domain)

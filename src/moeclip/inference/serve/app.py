@@ -171,7 +171,7 @@ class Service:
         unit = self.post.unit_map(amap)
         mask = self.post.mask(amap)
         return {"heatmap": data_url(Image.fromarray(heatmap_rgb(unit), mode="RGB")),
-                "overlay": data_url(overlay(image, unit)),
+                "overlay": data_url(overlay(image, unit)), "map_scale": self.post.map_scale,
                 "mask": None if mask is None else data_url(mask_image(mask))}
 
 
@@ -191,6 +191,9 @@ def _schemas():
         height: int
         heatmap: str = Field(description="PNG data URL of the heat map")
         overlay: str = Field(description="PNG data URL of the heat map over the image")
+        map_scale: str = Field(description="colours of heat map and overlay: 'calibrated' (the deployment's "
+                                           "bounds, comparable across images) or 'per-image' (this map's own "
+                                           "range: red is this image's most anomalous region)")
         mask: Optional[str] = Field(None, description="PNG data URL of the binary mask (with a pixel threshold)")
         references: int = Field(0, description="normal references of this object used (few-shot); 0: zero-shot")
         zero_shot_score: Optional[float] = Field(None, description="few-shot: the zero-shot image score alone")
