@@ -57,6 +57,15 @@ def test_resume_reaches_the_same_weights(synth, tiny_clip_config, tmp_path):
     assert any(a[k].abs().sum() > 0 for k in moved)  # training did something
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    # the resumed checkpoint still holds the random CLIP it was trained on: it loads, and resumes again
+    from moeclip.model.checkpoint import load_model
+
+    ckpt = part / "checkpoint"
+    doc = json.loads((ckpt / "config.json").read_text())["model"]["backbone"]
+    assert (ckpt / doc["pretrained"]).is_file() and (ckpt / doc["model"]).is_file(), doc
+    load_model(ckpt)
+    assert main(train_args(synth, tiny_clip_config, part, "--epochs", "3", "--seed", "7", "--resume")) == 0
+    load_model(ckpt)
 
 
 def test_training_without_masks_is_refused(tmp_path, tiny_clip_config, capsys):
@@ -278,3 +287,18 @@ def test_adam_is_fused_on_cpu_and_steps_like_the_loop():
         loop.step()
     for a, b in zip(params, twins):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_keeps_a_stored_clip_without_the_flag(synth, tiny_clip_config, clip_weights, tmp_path):
+    """A run that stored its CLIP (--include-backbone) keeps it on --resume: the save replaces that folder."""
+    from moeclip.model.checkpoint import CLIP_WEIGHTS_FILE, load_model
+
+    run = tmp_path / "run"
+    args = train_args(synth, tiny_clip_config, run, "--epochs", "1", "--max-steps", "2")
+    args[args.index("--clip-weights") + 1] = str(clip_weights)
+    assert main([*args, "--include-backbone"]) == 0
+    args[args.index("--epochs") + 1] = "2"
+    args[args.index("--max-steps") + 1] = "4"
+    assert main([*args, "--resume"]) == 0
+    assert (run / "checkpoint" / CLIP_WEIGHTS_FILE).is_file()
+    load_model(run / "checkpoint")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -132,10 +133,13 @@ def run(args) -> int:
                           include_backbone=args.include_backbone or config.backbone.pretrained is None)
         settings = run_settings(sources, config, cfg, val)
         if args.resume:
-            from ..model.checkpoint import read_checkpoint
+            from ..model.checkpoint import CLIP_WEIGHTS_FILE, read_checkpoint
 
             check_resume_settings(run_dir, settings, say)
             config, _, _ = read_checkpoint(run_dir / "checkpoint")
+            if (run_dir / "checkpoint" / CLIP_WEIGHTS_FILE).is_file():
+                # the CLIP lives inside the checkpoint that the next save replaces: store it again
+                cfg = dataclasses.replace(cfg, include_backbone=True)
         elif D.is_main():
             record_run_settings(run_dir, settings)
         torch.manual_seed(args.seed)  # FOFS matrices and projection init
