@@ -254,6 +254,9 @@ def test_api_key_required_on_predict(locked):
     r = locked.post("/predict", files={"image": ("x.png", png(), "image/png")},
                     headers={"Authorization": "Bearer s3cret-key"})
     assert r.status_code == 200, r.text
+    # the few-shot banks' listing is not public either (object names, bank statistics)
+    assert locked.get("/references").status_code == 401
+    assert locked.get("/references", headers={"Authorization": "Bearer s3cret-key"}).status_code != 401
 
 
 def test_serve_command_api_key_from_environment(deployment, tmp_path, monkeypatch, capsys):

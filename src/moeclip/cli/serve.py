@@ -20,7 +20,7 @@ import sys
 import time
 
 from ..errors import MoECLIPError
-from ..integrations.ray import _address as ray_address
+from ..integrations.ray import ray_address
 from .common import add_domain_arg, add_model_args, model_options
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")

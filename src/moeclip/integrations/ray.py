@@ -76,18 +76,19 @@ def _ray():
 
 
 # ---------------------------------------------------------------------------- CLI flags
-def _address(value: str) -> str:
+def ray_address(value: str) -> str:
+    """argparse type of ``--ray [ADDRESS]`` (predict and serve)."""
     if not _ADDRESS.match(value):
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a Ray address (local, auto, HOST:PORT or ray://HOST:PORT); "
-            "give --ray after the inputs, or a value (--ray local)")
+            "give --ray a value (--ray local) when a file or folder follows it")
     return value
 
 
 def add_ray_args(parser) -> None:
     """``--ray [ADDRESS]``, ``--ray-actors``, ``--ray-gpus-per-actor`` (for ``moeclip predict``)."""
     g = parser.add_argument_group("Ray (batch inference on a cluster; pip install 'moeclip[ray]')")
-    g.add_argument("--ray", nargs="?", const="local", default=None, type=_address, metavar="ADDRESS",
+    g.add_argument("--ray", nargs="?", const="local", default=None, type=ray_address, metavar="ADDRESS",
                    help="run on Ray Data: 'local' (default) starts Ray on this machine, 'auto' joins the cluster "
                         "of 'ray start', or HOST:PORT / ray://HOST:PORT; also writes results.parquet")
     g.add_argument("--ray-actors", type=int, default=None, metavar="N",

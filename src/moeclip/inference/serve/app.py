@@ -15,7 +15,7 @@ could not be bounded before spooling), 413 (too large), 415 (not a supported ima
 (undecodable image, bad field) or 500; under load 503 (queue full, with ``Retry-After``) and 504
 (no result within the request timeout).
 
-With ``api_key``, every POST and ``GET /metrics`` need ``Authorization: Bearer <key>`` (compared
+With ``api_key``, every POST, ``GET /metrics`` and ``GET /references`` need ``Authorization: Bearer <key>`` (compared
 in constant time); ``/health``, ``/ready``, the page and the API docs stay open.
 
 The model runs in one worker under one lock (PyTorch modules are not guaranteed re-entrant, and
@@ -249,12 +249,12 @@ def overloaded(exc: Exception) -> ApiError:
 
 def _install_gate(app, max_upload_bytes: int, api_key: Optional[str], queue) -> None:
     """Refuse unauthorised, oversized and (queue full) overflowing POSTs before multipart parsing
-    spools their bodies; ``GET /metrics`` needs the key too."""
+    spools their bodies; ``GET /metrics`` and ``GET /references`` need the key too."""
     from fastapi import Request
 
     @app.middleware("http")
     async def _gate(request: Request, call_next):
-        protected = request.method == "POST" or request.url.path == "/metrics"
+        protected = request.method == "POST" or request.url.path in ("/metrics", "/references")
         if not protected:
             return await call_next(request)
         if api_key and not bearer_ok(request.headers.get("authorization"), api_key):
@@ -343,7 +343,7 @@ def create_app(detector, deployment: Optional[Deployment] = None, *, pixel_thres
     ``deployment`` (already applied to the detector, e.g. by :meth:`Detector.from_deployment`) provides
     the pixel threshold for masks unless ``pixel_threshold`` is given. Returned pictures are
     scaled down to ``max_display_side`` pixels; scores are computed at full resolution.
-    ``api_key``: require ``Authorization: Bearer <api_key>`` on POSTs and ``/metrics``.
+    ``api_key``: require ``Authorization: Bearer <api_key>`` on POSTs, ``/metrics`` and ``/references``.
     ``batching``: queue and batch limits (:class:`.batching.BatchOptions`). ``queue``: a factory
     ``queue(service) -> object`` with the :class:`.batching.Batcher` interface (``submit_async``,
     ``full``, ``depth``, ``max_queue``, ``start``, ``close``) that replaces the in-process batcher
