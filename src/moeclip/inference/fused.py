@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,8 +53,8 @@ class TransductiveRuntime(Runtime):
                           self.batch_size, autocast=lambda: autocast(det.device, det.precision))
         n = res.batch_size
         zmax = res.zero_shot.reshape(n, -1).max(1)
-        extras: Dict[str, np.ndarray] = {
-            "scoring": np.array(["fused"] * n, dtype=object), "transductive": np.full(n, n, dtype=np.int64),
+        extras: Dict[str, Any] = {
+            "scoring": ["fused"] * n, "transductive": np.full(n, n, dtype=np.int64),
             "zero_shot_raw_score": res.raw_scores.copy(), "zero_shot_map_max": zmax,
             "zero_shot_score": np.array([image_score(float(m), float(r), domain, None, self.num_maps)
                                          for m, r in zip(zmax, res.raw_scores)], dtype=np.float32),

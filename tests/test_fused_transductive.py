@@ -1,0 +1,182 @@
+"""The fused transductive mode: zero-shot + mutual (+ few-shot) maps, one calibrated fusion, on one batch."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_tiny_checkpoint, read_rows
+from PIL import Image
+
+from moeclip.cli import main
+from moeclip.errors import MoECLIPError
+from moeclip.inference.detector import Detector
+from moeclip.model.fused import MutualOptions, fuse_signals
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_clip_config, tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tiny_clip_config, tmp_path_factory.mktemp("ckpt") / "tiny", seed=5)
+
+
+@pytest.fixture(scope="module")
+def det(ckpt):
+    return Detector.from_checkpoint(ckpt, device="cpu")
+
+
+def texture(seed: int, defect: bool = False) -> np.ndarray:
+    """A striped 64 px part with a little noise; ``defect``: a bright square at rows/cols 24-40."""
+    rng = np.random.default_rng(seed)
+    x = np.arange(64)
+    base = (128 + 60 * np.sin(x / 3.0))[None, :, None] * np.ones((64, 1, 3))
+    img = base + rng.normal(0, 4, (64, 64, 3))
+    if defect:
+        img[24:40, 24:40] = [255, 20, 200]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("parts")
+    for i in range(5):
+        Image.fromarray(texture(i)).save(root / f"good_{i}.png")
+    Image.fromarray(texture(9, defect=True)).save(root / "zz_defect.png")
+    return root
+
+
+def robust(x):
+    x = np.asarray(x, np.float64).ravel()
+    med = np.median(x)
+    return med, 1.4826 * np.median(np.abs(x - med))
+
+
+# ---------------------------------------------------------------------------- the rule
+def test_fuse_signals_is_the_weighted_mean_of_robust_z_scores_on_the_zero_shot_scale():
+    rng = np.random.default_rng(0)
+    z, u = rng.normal(10, 3, (3, 8, 8)), rng.gamma(2.0, 0.01, (3, 8, 8))
+    (mz, sz), (mu, su) = robust(z), robust(u)
+    for w in (0.0, 0.3, 1.0):
+        expected = mz + sz * ((1 - w) * (z - mz) / sz + w * (u - mu) / su)
+        np.testing.assert_allclose(fuse_signals(z, u, mutual_weight=w), expected, rtol=1e-5, atol=1e-5 * sz)
+    # a positive affine change of the mutual signal changes nothing
+    np.testing.assert_allclose(fuse_signals(z, 7 * u + 3), fuse_signals(z, u), rtol=1e-5, atol=1e-4)
+
+
+def test_fuse_signals_with_references_shares_the_rest_as_the_few_shot_rule():
+    from moeclip.model.fusion import ReferenceStats, SignalStats
+
+    rng = np.random.default_rng(1)
+    z, f, u = rng.normal(10, 3, (2, 8, 8)), rng.random((2, 8, 8)), rng.random((2, 8, 8))
+    st = ReferenceStats(SignalStats(9.0, 2.0), SignalStats(0.4, 0.1))
+    mu, su = robust(u)
+    expected = 9.0 + 2.0 * (0.5 * 0.7 * (z - 9.0) / 2.0 + 0.5 * 0.3 * (f - 0.4) / 0.1 + 0.5 * (u - mu) / su)
+    np.testing.assert_allclose(fuse_signals(z, u, f, st, reference_weight=0.3, mutual_weight=0.5), expected,
+                               rtol=1e-5, atol=1e-4)
+    with pytest.raises(MoECLIPError, match="mutual-weight"):
+        fuse_signals(z, u, mutual_weight=1.5)
+    with pytest.raises(MoECLIPError, match="mutual-tokens"):
+        MutualOptions(tokens="cls")
+
+
+# ---------------------------------------------------------------------------- Python API
+def test_weight_zero_is_the_zero_shot_prediction_and_extras_keep_it(det, folder):
+    paths = sorted(folder.glob("*.png"))
+    zs = det.predict(paths)
+    fused = det.predict(paths, transductive=True, mutual_weight=0.0)
+    for a, b in zip(fused, zs):
+        scale = float(np.abs(b.anomaly_map).max())
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=0, atol=1e-5 * scale)
+        assert a.score == pytest.approx(b.score, abs=1e-6)
+        assert a.extra["transductive"] == len(paths) and a.extra["scoring"] == "fused"
+        assert a.extra["zero_shot_score"] == pytest.approx(b.score, abs=1e-6)
+        assert a.extra["zero_shot_map_max"] == pytest.approx(b.map_max, rel=1e-5)
+
+
+@pytest.mark.parametrize("tokens", ["adapted", "frozen", "seg"])
+def test_mutual_map_alone_finds_the_odd_patch_and_ignores_batch_order(det, folder, tokens):
+    paths = sorted(folder.glob("*.png"))  # zz_defect.png last
+    res = det.predict(paths, transductive=True, mutual_weight=1.0, tokens=tokens)
+    amap = res[-1].anomaly_map
+    inside, outside = amap[24:40, 24:40].mean(), np.concatenate([amap[:16].ravel(), amap[48:].ravel()]).mean()
+    assert inside > outside
+    assert res[-1].map_max > max(r.map_max for r in res[:-1])  # the defect image holds the batch's peak
+    shuffled = det.predict(paths[::-1], transductive=True, mutual_weight=1.0, tokens=tokens, batch_size=2)
+    for a, b in zip(res, shuffled[::-1]):
+        scale = float(np.abs(a.anomaly_map).max())
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=0, atol=1e-4 * scale)
+
+
+def test_one_image_is_refused_and_references_join(det, folder, ckpt):
+    with pytest.raises(MoECLIPError, match="at least 2 images"):
+        det.predict([folder / "good_0.png"], transductive=True)
+    with pytest.raises(MoECLIPError, match="transductive=True"):
+        det.predict([folder / "good_0.png"], tokens="seg")
+    withref = Detector.from_checkpoint(ckpt, device="cpu").with_references(
+        [folder / "good_3.png", folder / "good_4.png"], weight=0.5)
+    paths = [folder / f"good_{i}.png" for i in range(3)] + [folder / "zz_defect.png"]
+    res = withref.predict(paths, transductive=True)
+    fs = withref.predict(paths)  # few-shot alone: the same zero-shot parts
+    for a, b in zip(res, fs):
+        assert a.extra["references"] == 2 and a.extra["transductive"] == 4
+        assert a.extra["few_shot_map_max"] == pytest.approx(b.extra["few_shot_map_max"], rel=1e-5)
+        assert a.extra["zero_shot_raw_score"] == pytest.approx(b.extra["zero_shot_raw_score"], abs=1e-6)
+    # mutual weight 0 with references: the few-shot prediction itself
+    same = withref.predict(paths, transductive=True, mutual_weight=0.0)
+    for a, b in zip(same, fs):
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=0,
+                                   atol=1e-5 * float(np.abs(b.anomaly_map).max()))
+
+
+# ---------------------------------------------------------------------------- CLI
+def fused_args(ckpt, *inputs, out, extra=()):
+    return ["predict", "--checkpoint", str(ckpt), "--transductive", "--device", "cpu", "--out", str(out),
+            *extra, *map(str, inputs)]
+
+
+def test_cli_lines_keep_the_zero_shot_fields_and_equal_the_api(det, ckpt, folder, tmp_path):
+    src = tmp_path / "in"
+    shutil.copytree(folder, src)
+    (src / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert main(fused_args(ckpt, src, out=out, extra=["--threshold", "0.5"])) == 0
+    rows = read_rows(out)
+    assert "error" in rows["broken.png"] and "broken.png" in rows["broken.png"]["error"]
+    api = {Path(p.path).name: p for p in det.predict(sorted(folder.glob("*.png")), transductive=True)}
+    for name, p in api.items():
+        row = rows[name]
+        assert row["transductive"] == 6 and row["scoring"] == "fused"  # the broken file left the batch
+        for key in ("zero_shot_raw_score", "zero_shot_map_max", "zero_shot_score", "mutual_map_max"):
+            assert row[key] == pytest.approx(p.extra[key], rel=1e-5, abs=1e-6)
+        assert row["score"] == pytest.approx(p.score, abs=1e-6)
+        assert row["decision"] == (row["score"] >= 0.5)
+        np.testing.assert_allclose(np.load(out / row["map"]), p.anomaly_map, rtol=0,
+                                   atol=1e-5 * float(np.abs(p.anomaly_map).max()))
+
+
+def test_cli_one_image_groups_and_errors(ckpt, folder, tmp_path, capsys):
+    out = tmp_path / "one"
+    assert main(fused_args(ckpt, folder / "good_0.png", out=out)) == 2
+    assert "at least 2 images" in capsys.readouterr().err and not out.exists()
+    # two objects: each is its own batch, as if run alone
+    root = tmp_path / "mixed"
+    for i, p in enumerate(sorted(folder.glob("*.png"))):
+        dst = root / ("a" if i % 2 == 0 else "b") / p.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, dst)
+    mixed, alone = tmp_path / "m", tmp_path / "a"
+    assert main(fused_args(ckpt, root, out=mixed, extra=["--object", "a=part a", "--object", "b=part b"])) == 0
+    assert main(fused_args(ckpt, root / "a", out=alone, extra=["--object", "part a"])) == 0
+    rows, ref = read_rows(mixed), read_rows(alone)
+    assert all(r["transductive"] == 3 for r in rows.values())
+    for name, r in ref.items():
+        assert rows[name]["score"] == pytest.approx(r["score"], abs=1e-6)
+    for extra, message in ((["--scoring", "fused", "--onnx", "x.onnx"], "drop --onnx"),
+                           (["--rscin", "1"], "drop --rscin")):
+        assert main(fused_args(ckpt, folder, out=tmp_path / "e", extra=extra)) == 2
+        assert message in capsys.readouterr().err
+    assert main(["predict", "--transductive", "--device", "cpu", "--out", str(tmp_path / "e"), str(folder)]) == 2
+    assert "needs --checkpoint" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(ckpt), "--mutual-tokens", "seg", "--out", str(tmp_path / "e"),
+                 str(folder)]) == 2
+    assert "need --transductive" in capsys.readouterr().err
