@@ -180,3 +180,59 @@ def test_cli_one_image_groups_and_errors(ckpt, folder, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(ckpt), "--mutual-tokens", "seg", "--out", str(tmp_path / "e"),
                  str(folder)]) == 2
     assert "need --transductive" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- moeclip test --transductive
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory):
+    from moeclip.data.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(root / "d", ["wood", "disc"], n_normal=3, n_anomalous=3, n_train=4, image_size=64, seed=0)
+    return root / "d"
+
+
+def saved_maps(folder: Path) -> dict:
+    """Saved maps by ``<class>/<parent>_<stem>.npy``."""
+    return {f"{p.parent.name}/{p.name}": np.load(p) for p in folder.rglob("*.npy")}
+
+
+def test_test_transductive_is_the_class_as_one_batch(ckpt, synth_data, tmp_path):
+    import json
+
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    common = ["test", "--checkpoint", str(ckpt), "--data", f"folder={synth_data}", "--device", "cpu",
+              "--transductive", "--save-maps"]
+    assert main(common + ["--out", str(out_a), "--batch-size", "8"]) == 0
+    assert main(common + ["--out", str(out_b), "--batch-size", "2"]) == 0  # batches of 2, same class batch
+    doc = json.loads((out_a / "results.json").read_text())
+    assert doc["transductive"]["tokens"] == "adapted" and doc["transductive"]["weight"] == 0.5
+    a, b = saved_maps(out_a / "maps"), saved_maps(out_b / "maps")
+    assert len(a) == 12 and set(a) == set(b)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-5 * float(np.abs(a[name]).max()))
+    # each class's maps are Detector.predict(that class's test images, transductive=True)
+    det = Detector.from_checkpoint(ckpt, device="cpu")
+    for cls, desc in (("wood", "wood grain"), ("disc", "metal disc")):  # the synthetic data's descriptions
+        paths = sorted((synth_data / cls / "test").rglob("*.png"))
+        for p, pred in zip(paths, det.predict(paths, object=desc, transductive=True)):
+            got = a[f"{cls}/{p.parent.name}_{p.stem}.npy"]
+            np.testing.assert_allclose(got, pred.anomaly_map, rtol=0, atol=1e-5 * float(np.abs(got).max()))
+
+
+def test_test_transductive_with_shots(ckpt, synth_data, tmp_path):
+    import json
+
+    out = tmp_path / "k"
+    assert main(["test", "--checkpoint", str(ckpt), "--data", f"folder={synth_data}", "--device", "cpu",
+                 "--transductive", "--shots", "2", "--shot-seeds", "0,1", "--save-maps", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["transductive"] is not None and doc["few_shot"]["shots"] == 2
+    seed0 = doc["datasets"][0]["per_seed"][0]
+    maps = saved_maps(out / "seed0" / "maps")
+    refs = seed0["references"]["wood"]
+    det = Detector.from_checkpoint(ckpt, device="cpu").with_references(refs, object="wood grain")
+    paths = sorted((synth_data / "wood" / "test").rglob("*.png"))
+    for p, pred in zip(paths, det.predict(paths, object="wood grain", transductive=True)):
+        got = maps[f"wood/{p.parent.name}_{p.stem}.npy"]
+        np.testing.assert_allclose(got, pred.anomaly_map, rtol=0, atol=1e-5 * float(np.abs(got).max()))
