@@ -236,3 +236,36 @@ def test_test_transductive_with_shots(ckpt, synth_data, tmp_path):
     for p, pred in zip(paths, det.predict(paths, object="wood grain", transductive=True)):
         got = maps[f"wood/{p.parent.name}_{p.stem}.npy"]
         np.testing.assert_allclose(got, pred.anomaly_map, rtol=0, atol=1e-5 * float(np.abs(got).max()))
+
+
+# ---------------------------------------------------------------------------- serve: POST /predict/batch
+def test_serve_predict_batch_scores_the_request_as_one_batch(det, folder):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("multipart")
+    from fastapi.testclient import TestClient
+
+    from moeclip.inference.serve import create_app
+
+    paths = sorted(folder.glob("*.png"))
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    files.insert(2, ("images", ("broken.png", b"not an image", "image/png")))
+    with TestClient(create_app(det)) as client:
+        r = client.post("/predict/batch", files=files, data={"object": "part"})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["transductive"] == len(paths) and doc["object"] == "part"
+        rows = doc["results"]
+        assert [x["name"] for x in rows] == [p.name for p in paths[:2]] + ["broken.png"] + [p.name for p in paths[2:]]
+        assert "error" in rows[2] and "score" not in rows[2]
+        api = det.predict(paths, object="part", transductive=True)  # the batch without the broken upload
+        for row, p in zip(rows[:2] + rows[3:], api):
+            assert row["score"] == pytest.approx(p.score, abs=1e-6) and row["transductive"] == len(paths)
+            assert row["zero_shot_score"] == pytest.approx(p.extra["zero_shot_score"], abs=1e-6)
+            assert row["mutual_map_max"] == pytest.approx(p.extra["mutual_map_max"], rel=1e-5)
+        one = client.post("/predict/batch", files=files[:1] + [files[2]])
+        assert one.status_code == 422 and one.json()["error"] == "batch_too_small"
+    calibrated = Detector(det.model, device="cpu",
+                          normalization={"map_min": -10.0, "map_max": 40.0, "score_min": 0.4, "score_max": 0.6})
+    with TestClient(create_app(calibrated)) as client:
+        r = client.post("/predict/batch", files=files)
+        assert r.status_code == 409 and "calibrated zero-shot" in r.json()["detail"]
