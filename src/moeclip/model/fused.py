@@ -70,11 +70,11 @@ class MutualOptions:
 
 @dataclass
 class Signals:
-    """One batch's per-image signals on the CPU (float32), before the batch is complete."""
+    """One batch's per-image signals (maps and scores on the CPU, float32), before the batch is complete."""
 
     zero_shot: torch.Tensor              # (B, S, S) raw zero-shot map
     image_score: torch.Tensor            # (B,) raw zero-shot image score
-    tokens: List[torch.Tensor]           # per level (B, L, C): what the mutual score reads
+    tokens: List[torch.Tensor]           # per level (B, L, C) float32, model device: what the mutual score reads
     grid: Tuple[int, int]
     few_shot: Optional[torch.Tensor] = None  # (B, S, S) with a bank
 
@@ -100,15 +100,15 @@ def forward_signals(model, images: torch.Tensor, text: torch.Tensor, domain, ban
     if bank is not None:
         few = bank.anomaly_map([f.float() for f in seg], out.grid, size, domain).float().cpu()
     if tokens == "adapted":
-        toks = [t.float().cpu() for t in out.levels]
+        toks = [t.float() for t in out.levels]
     elif tokens == "seg":
-        toks = [f.float().cpu() for f in seg]
+        toks = [f.float() for f in seg]
     elif tokens == "frozen":
         from .backbone import extract_tokens
 
         depth = len(model.clip.visual.transformer.resblocks)
         toks, _ = extract_tokens(model.clip, images, default_levels(depth))
-        toks = [t.float().cpu() for t in toks]
+        toks = [t.float() for t in toks]
     else:
         raise MoECLIPError(f"unknown mutual tokens {tokens!r} (one of {', '.join(MUTUAL_TOKENS)})")
     return Signals(zs, s, toks, tuple(out.grid), few)
@@ -133,7 +133,7 @@ def mutual_map(signals: Signals, domain, opts: MutualOptions = MutualOptions()) 
     others = sample_others(n, opts.mutual_images, opts.seed)
     patch = mutual_patch_scores(signals.tokens, signals.grid, radii, INTERVAL, others, opts.chunk_mb)
     size = tuple(signals.zero_shot.shape[-2:])
-    return smooth_patch_map(patch.float(), signals.grid, size, domain).float()
+    return smooth_patch_map(patch.float(), signals.grid, size, domain).float().cpu()
 
 
 def fuse_signals(zero_shot, mutual, few_shot=None, stats: Optional[ReferenceStats] = None,
