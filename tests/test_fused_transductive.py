@@ -269,3 +269,31 @@ def test_serve_predict_batch_scores_the_request_as_one_batch(det, folder):
     with TestClient(create_app(calibrated)) as client:
         r = client.post("/predict/batch", files=files)
         assert r.status_code == 409 and "calibrated zero-shot" in r.json()["detail"]
+
+
+def test_cli_resume_keeps_the_batch_and_mutual_images_is_seeded(det, ckpt, folder, tmp_path):
+    out = tmp_path / "out"
+    assert main(fused_args(ckpt, folder, out=out)) == 0
+    full = read_rows(out)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:2]) + "\n")  # "interrupted" after 2 images
+    assert main(fused_args(ckpt, folder, out=out, extra=["--resume"])) == 0
+    resumed = read_rows(out)
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(full)
+    for name, row in full.items():
+        assert resumed[name]["transductive"] == len(full)  # the done images still joined the batch
+        assert resumed[name]["score"] == pytest.approx(row["score"], abs=1e-6)
+        assert resumed[name]["mutual_map_max"] == pytest.approx(row["mutual_map_max"], rel=1e-5)
+    # --mutual-images M: each image against M others drawn by --mutual-seed; same seed, same maps
+    paths = sorted(folder.glob("*.png"))
+    a = det.predict(paths, transductive=True, mutual_images=2, mutual_seed=1, mutual_weight=1.0)
+    b = det.predict(paths, transductive=True, mutual_images=2, mutual_seed=1, mutual_weight=1.0)
+    c = det.predict(paths, transductive=True, mutual_weight=1.0)
+    assert all(np.array_equal(x.anomaly_map, y.anomaly_map) for x, y in zip(a, b))
+    assert any(not np.allclose(x.anomaly_map, y.anomaly_map) for x, y in zip(a, c))
+    m = tmp_path / "m"
+    assert main(fused_args(ckpt, folder, out=m, extra=["--mutual-images", "2", "--mutual-seed", "1",
+                                                        "--mutual-weight", "1"])) == 0
+    for p, pred in zip(paths, a):
+        np.testing.assert_allclose(np.load(m / read_rows(m)[p.name]["map"]), pred.anomaly_map, rtol=0,
+                                   atol=1e-5 * float(np.abs(pred.anomaly_map).max()))

@@ -111,7 +111,7 @@ def _transductive_batches(model, loader, text, domain: Domain, device, precision
             parts.append(forward_signals(model, batch["image"].to(device), text, domain, bank, opts.tokens))
         kept.append(batch)
     stats = None if bank is None else bank.normal_stats(model, text, domain)
-    fused = fuse_batch(concat_signals(parts), domain, bank, stats, weight, opts)
+    fused = fuse_batch(concat_signals(parts), domain, stats, weight, opts)
     start = 0
     for batch in kept:
         n = batch["image"].shape[0]

@@ -40,7 +40,7 @@ from .musc import INTERVAL, MUSC_RADII, ONE_IMAGE_FIX, default_levels, mutual_pa
 from .scoring import Domain, anomaly_map, image_score, smooth_patch_map
 
 __all__ = ["MUTUAL_TOKENS", "DEFAULT_MUTUAL_TOKENS", "DEFAULT_MUTUAL_WEIGHT", "Signals", "MutualOptions",
-           "forward_signals", "concat_signals", "mutual_map", "fuse_signals", "score_batch", "FusedBatch"]
+           "forward_signals", "concat_signals", "mutual_map", "fuse_signals", "fuse_batch", "score_batch", "FusedBatch"]
 
 #: Which tokens feed the mutual score (see the module docstring).
 MUTUAL_TOKENS = ("adapted", "frozen", "seg")
@@ -174,10 +174,13 @@ class FusedBatch:
         return int(self.maps.shape[0])
 
 
-def fuse_batch(signals: Signals, domain, bank=None, stats: Optional[ReferenceStats] = None,
+def fuse_batch(signals: Signals, domain, stats: Optional[ReferenceStats] = None,
                reference_weight: float = DEFAULT_REFERENCE_WEIGHT,
                opts: MutualOptions = MutualOptions()) -> FusedBatch:
-    """A complete batch's signals -> :class:`FusedBatch` (mutual map, then the fusion rule)."""
+    """A complete batch's signals -> :class:`FusedBatch` (mutual map, then the fusion rule).
+
+    ``stats``: the bank's leave-one-out statistics when the signals hold a few-shot map; None: the batch's.
+    """
     mu = mutual_map(signals, domain, opts).numpy()
     zs = signals.zero_shot.numpy()
     few = None if signals.few_shot is None else signals.few_shot.numpy()
@@ -206,4 +209,4 @@ def score_batch(model, images: torch.Tensor, text: torch.Tensor, domain="industr
                 parts.append(forward_signals(model, images[s:s + batch_size].to(device), text, domain, bank,
                                              opts.tokens))
         stats = None if bank is None else bank.normal_stats(model, text, domain)
-        return fuse_batch(concat_signals(parts), domain, bank, stats, reference_weight, opts)
+        return fuse_batch(concat_signals(parts), domain, stats, reference_weight, opts)
