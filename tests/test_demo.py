@@ -20,10 +20,14 @@ def test_demo_trains_and_improves_heldout_localisation(tmp_path, capsys):
     assert doc["after"]["pixel_auroc"] > doc["before"]["pixel_auroc"] + 0.12, doc
     # the third stage ran (what it shows on the random tiny CLIP is reported, not asserted)
     assert doc["few_shot"]["shots"] == 4 and all(0.0 <= doc["few_shot"][k] <= 1.0 for k in doc["before"])
+    # the fourth stage too (each held-out category's test images as one batch)
+    assert doc["transductive"]["tokens"] == "adapted" and all(0.0 <= doc["transductive"][k] <= 1.0
+                                                               for k in doc["before"])
     assert (out / "checkpoint" / "adapters.safetensors").is_file()
     assert len(list((out / "overlays").glob("*.png"))) > 0
     printed = capsys.readouterr().out
     assert "before training" in printed and "after training" in printed and "few-shot (4 refs)" in printed
+    assert "transductive (zero-shot + mutual)" in printed and "   transductive" in printed
     # the checkpoint serves the other commands
     preds = tmp_path / "preds"
     assert main(["predict", "--checkpoint", str(out / "checkpoint"), str(out / "data" / "heldout" / "nut" / "test"),
@@ -78,3 +82,26 @@ def test_demo_refuses_negative_shots(tmp_path):
     with pytest.raises(MoECLIPError, match="--shots"):
         run_demo(DemoConfig(out=tmp_path / "d", shots=-1))
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_transductive_stage_is_moeclip_test_transductive(tmp_path, capsys):
+    """Fourth stage: its numbers are those of ``moeclip test --transductive`` on the demo's own outputs."""
+    from moeclip.engine.demo import SUMMARY_KEYS, DemoConfig, run_demo
+
+    out = tmp_path / "d"
+    doc = run_demo(DemoConfig(out=out, train_per_category=4, heldout_per_category=6, steps=2, batch_size=4, shots=0,
+                              progress=False), say=lambda *a: None)
+    assert "few_shot" not in doc and doc["transductive"]["batch"] == "class test split"
+    data = out / "data"
+    assert main(["test", "--checkpoint", str(out / "checkpoint"), "--data", f"folder={data / 'heldout'}",
+                 "--descriptions", str(data / "shared-description.json"), "--transductive", "--device", "cpu",
+                 "--out", str(tmp_path / "t")]) == 0
+    res = json.loads((tmp_path / "t" / "results.json").read_text())["datasets"][0]
+    for k in SUMMARY_KEYS:
+        assert doc["transductive"][k] == pytest.approx(res["average"][k], abs=1e-6)
+    for cls, m in res["per_class"].items():
+        assert doc["per_class"]["transductive"][cls]["pixel_auroc"] == pytest.approx(m["pixel_auroc"], abs=1e-6)
+    # and the stage can be skipped
+    skipped = run_demo(DemoConfig(out=tmp_path / "s", train_per_category=4, heldout_per_category=4, steps=1,
+                                  batch_size=4, shots=0, transductive=False, progress=False), say=lambda *a: None)
+    assert "transductive" not in skipped

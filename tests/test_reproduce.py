@@ -240,3 +240,40 @@ def test_seeds_with_given_checkpoints_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--seeds 1,2 does not apply with --checkpoint" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_musc_figures_are_the_published_ones():
+    musc = R.musc_results()
+    assert "ICLR 2024" in musc["method"]["venue"] and "Table 1" in musc["method"]["table"]
+    mv, va = musc["datasets"]["MVTec"], musc["datasets"]["VisA"]
+    assert (mv["image_auroc"]["value"], mv["pixel_auroc"]["value"], mv["pixel_ap"]["value"],
+            mv["pixel_aupro"]["value"]) == (97.8, 97.3, 62.7, 93.8)
+    assert (va["image_auroc"]["value"], va["pixel_auroc"]["value"], va["pixel_ap"]["value"]) == (92.8, 98.8, 45.1)
+    assert all(e["source"].startswith("MuSc, ICLR 2024, Table 1") for d in musc["datasets"].values()
+               for e in d.values())
+
+
+def test_transductive_adds_musc_protocol_beside_the_zero_shot_one(data_root, tmp_path, tiny_clip_config):
+    out = tmp_path / "run"
+    assert main(["reproduce", "--data-root", str(data_root), "--out", str(out), "--protocol", "industrial",
+                 "--skip-missing", "--seeds", "1", "--max-steps", "1", "--eval-batch-size", "4", "--datasets", "MVTec",
+                 "--transductive", *tiny(tiny_clip_config)]) == 0
+    zs = json.loads((out / "test" / "MVTec" / "seed-1" / "results.json").read_text())["datasets"][0]["average"]
+    tr = json.loads((out / "transductive" / "MVTec" / "seed-1" / "results.json").read_text())["datasets"][0]
+    # the stage is `moeclip test --transductive` on the same checkpoint
+    ck = out / "train" / "VisA" / "seed-1" / "checkpoint"
+    assert main(["test", "--checkpoint", str(ck), "--data", f"MVTec={data_root / 'MVTec'}", "--transductive",
+                 "--device", "cpu", "--batch-size", "4", "--out", str(tmp_path / "t")]) == 0
+    direct = json.loads((tmp_path / "t" / "results.json").read_text())["datasets"][0]["average"]
+    for k, v in direct.items():
+        assert tr["average"][k] == pytest.approx(v, abs=1e-9) if v is not None else tr["average"][k] is None
+    doc = json.loads((out / "reproduction.json").read_text())
+    cell = doc["transductive"]["datasets"][0]["metrics"]["pixel_auroc"]
+    assert cell["mean"] == pytest.approx(100 * tr["average"]["pixel_auroc"])
+    assert cell["zero_shot"] == pytest.approx(100 * zs["pixel_auroc"]) and cell["musc"] == 97.3
+    assert cell["paper"] == 92.5 and cell["diff_musc"] == pytest.approx(cell["mean"] - 97.3)
+    assert doc["transductive"]["datasets"][0]["metrics"]["image_ap"]["musc"] is None  # not published
+    md = (out / "reproduction.md").read_text()
+    assert "## Transductive (MuSc's protocol)" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| MVTec AD | pixel AUROC |"))
+    assert "| 97.3 | 92.5 |" in line

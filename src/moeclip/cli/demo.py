@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--shots", type=int, default=d.shots,
                    help="normal references per held-out category in the few-shot stage, 0 skips it "
                         "(default: %(default)s)")
+    p.add_argument("--no-transductive", action="store_true",
+                   help="skip the transductive stage (each held-out category's test images as one batch)")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
@@ -38,6 +40,7 @@ def run(args) -> int:
     run_demo(DemoConfig(out=Path(args.out), clip_model=args.clip_model, clip_weights=args.clip_weights,
                         image_size=args.image_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         train_per_category=args.train_per_category, heldout_per_category=args.heldout_per_category,
-                        seed=args.seed, shots=args.shots, defect_scale=args.defect_scale, device=args.device,
+                        seed=args.seed, shots=args.shots, transductive=not args.no_transductive,
+                        defect_scale=args.defect_scale, device=args.device,
                         overwrite=args.overwrite), draw=save_triptych)
     return 0

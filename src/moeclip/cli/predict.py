@@ -23,6 +23,11 @@ standardised by the bank's leave-one-out statistics, weighted, written back on t
 With ``--transductive --scoring musc`` (training-free, no checkpoint) each object's images are scored as
 one batch by MuSc (:mod:`moeclip.inference.transductive`): ``raw_score`` is the RsCIN image score, the map
 MuSc's own, and each line adds ``transductive`` (the batch size N) and ``scoring`` ("musc").
+With ``--transductive`` (``--scoring fused``, the default; needs ``--checkpoint``) each object's images are
+one batch too (:mod:`moeclip.inference.fused`): the map is the zero-shot map fused with the mutual map (and
+the few-shot map with ``--reference``), in zero-shot raw units, and each line keeps the zero-shot fields
+(``zero_shot_raw_score``, ``zero_shot_map_max``, ``zero_shot_score``) and adds ``mutual_map_max``,
+``transductive`` (N) and ``scoring`` ("fused").
 
 Objects: ``--object DESC`` for every image; ``--object KEY=DESC`` (repeatable) and
 ``--class-map FILE`` (JSON ``{"KEY": "DESC"}`` or ``KEY: DESC`` lines) for mixed folders, where
@@ -88,9 +93,17 @@ def add_transductive_args(p: argparse.ArgumentParser) -> None:
     tr = p.add_argument_group("transductive (the unlabeled batch itself; see README 'Transductive scoring (MuSc)')")
     tr.add_argument("--transductive", action="store_true",
                     help="score each image against the other images of the same object in this run (2 or more)")
-    tr.add_argument("--scoring", choices=("musc",), default=None,
-                    help="musc (default): MuSc's mutual scoring on the frozen CLIP tower, training-free "
-                         "(no --checkpoint; --clip-model/--clip-weights/--image-size/--levels choose the tower)")
+    tr.add_argument("--scoring", choices=("fused", "musc"), default=None,
+                    help="fused (default): the --checkpoint's zero-shot map + the mutual map (+ the few-shot map "
+                         "with --reference), one calibrated fusion; musc: MuSc alone on the frozen CLIP tower, "
+                         "training-free (no --checkpoint; --clip-model/--clip-weights/--image-size/--levels "
+                         "choose the tower)")
+    tr.add_argument("--mutual-tokens", choices=("adapted", "frozen", "seg"), default=None,
+                    help="fused: the tokens the mutual score reads (default adapted: the MoE-adapted level tokens "
+                         "of the zero-shot pass; frozen: a second pass of the frozen tower; seg: the 12 "
+                         "segmentation features)")
+    tr.add_argument("--mutual-weight", type=float, default=None, metavar="U",
+                    help="fused: weight of the mutual map after standardisation, in [0, 1] (default 0.5)")
     tr.add_argument("--rscin", type=int_list, metavar="K,..",
                     help="RsCIN windows re-scoring the image scores (default 1,2,3; 0: map maximum as is)")
     tr.add_argument("--mutual-images", type=int, metavar="M",
@@ -144,6 +157,40 @@ def run_transductive(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def run_fused(args: argparse.Namespace) -> int:
+    """``predict --transductive`` (fused): the checkpoint's detector scores each object group as one batch."""
+    from dataclasses import replace
+
+    from ..data.imageio import DEFAULT_MAX_PIXELS
+    from ..inference.fused import run_fused as run_batches
+    from ..inference.pipeline import ObjectRules, ResultWriter, expand_inputs
+    from ..inference.transductive import check_batch
+
+    clashing = [flag for flag, given in (("--deploy", args.deploy), ("--onnx", args.onnx),
+                                         ("--openvino", getattr(args, "openvino", None)),
+                                         ("--ray", args.ray is not None), ("--rscin", args.rscin)) if given]
+    if clashing:
+        raise MoECLIPError(f"--transductive (fused) runs the --checkpoint's PyTorch model: drop {', '.join(clashing)} "
+                           "(--scoring musc is the training-free mode)")
+    if not args.checkpoint:
+        raise MoECLIPError("--transductive (fused) needs --checkpoint; --scoring musc needs none")
+    out = Path(args.out)
+    jobs = expand_inputs(args.inputs, exclude=out)
+    if not jobs:
+        raise MoECLIPError("no input images found")
+    ObjectRules.from_args(args.object, args.class_map).assign(jobs)
+    check_batch(jobs)
+    mutual = {"tokens": args.mutual_tokens, "mutual_images": args.mutual_images, "mutual_seed": args.mutual_seed,
+              "mutual_weight": args.mutual_weight, "batch_size": args.batch_size}
+    built = replace(runtime_spec(args), transductive=mutual).build()  # before the output folder
+    writer = ResultWriter(out, overwrite=args.overwrite, resume=args.resume, maps=not args.no_maps,
+                          overlays=not args.no_overlays, masks=built.post.pixel_threshold is not None)
+    summary = run_batches(jobs, built.runtime, built.post, writer, workers=args.workers,
+                          max_pixels=args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS)
+    print(summary.line(built.post.threshold) + f" -> {writer.results}")
+    return summary.exit_code
+
+
 def reference_pairs(args: argparse.Namespace):
     """``--reference`` values -> (object description, images) pairs; KEY names an --object/--class-map rule."""
     from ..inference.pipeline import ObjectRules
@@ -191,9 +238,11 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite and args.resume:
         raise MoECLIPError("--overwrite and --resume exclude each other")
     if args.transductive:
-        return run_transductive(args)
-    if args.scoring or args.rscin or args.mutual_images is not None:
-        raise MoECLIPError("--scoring, --rscin and --mutual-images need --transductive")
+        return run_transductive(args) if args.scoring == "musc" else run_fused(args)
+    if args.scoring or args.rscin or args.mutual_images is not None or args.mutual_tokens or \
+            args.mutual_weight is not None:
+        raise MoECLIPError("--scoring, --rscin, --mutual-images, --mutual-tokens and --mutual-weight need "
+                           "--transductive")
     if args.ray is not None:  # the same run on a Ray cluster: moeclip.integrations.ray
         from ..integrations.ray import predict_from_args
 

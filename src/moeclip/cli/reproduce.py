@@ -31,6 +31,9 @@ def register(sub) -> None:
                    help="only these test datasets of the protocol (comma list; default all)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (stages, datasets found and missing, expected times) and run nothing")
+    p.add_argument("--transductive", action="store_true",
+                   help="also MuSc's protocol: each test again with each class's test split as one unlabeled batch "
+                        "(zero-shot + mutual fused), reported beside MuSc's published figures")
     p.add_argument("--skip-missing", action="store_true", help="run what is there instead of failing on missing data")
     add_model_args(p, checkpoint_required=False)
     p.add_argument("--checkpoint", action="extend", nargs="+", default=[], metavar="[TRAIN=]CKPT",
@@ -95,7 +98,8 @@ def config_from_args(args):
                            datasets=tuple(args.datasets) if args.datasets else None,
                            checkpoints=_checkpoints(args.checkpoint), model=model, train=train,
                            backbone_overrides=backbone, adapter_overrides=adapter,
-                           eval_batch_size=args.eval_batch_size, skip_missing=args.skip_missing, device=args.device)
+                           eval_batch_size=args.eval_batch_size, skip_missing=args.skip_missing, device=args.device,
+                           transductive=args.transductive)
 
 
 def run(args) -> int:

@@ -36,8 +36,44 @@ def register(sub) -> None:
                     help="references for --data NAME from PATH/<class>/ (or PATH itself for one class, or a glob) "
                          "instead of the training normals; without --shots all of them are used")
     add_bank_args(fs)
+    add_transductive_args(p)
     add_model_args(p)
     p.set_defaults(func=run)
+
+
+def add_transductive_args(p) -> None:
+    tr = p.add_argument_group("transductive (MuSc's protocol; see README 'Transductive scoring')")
+    tr.add_argument("--transductive", action="store_true",
+                    help="per class, the class's whole test split is one batch: zero-shot + mutual (+ few-shot "
+                         "with --shots) maps fused")
+    tr.add_argument("--mutual-tokens", choices=("adapted", "frozen", "seg"), default=None,
+                    help="tokens the mutual score reads (default adapted)")
+    tr.add_argument("--mutual-images", type=int, metavar="M", help="compare each image with at most M others")
+    tr.add_argument("--mutual-seed", type=int, default=0, metavar="S", help="which M others (default 0)")
+    tr.add_argument("--mutual-weight", type=float, default=None, metavar="U",
+                    help="weight of the mutual map after standardisation (default 0.5)")
+
+
+def transductive_plan(args):
+    """``--transductive`` and its options -> :class:`moeclip.engine.evaluate.Transductive` (None without it)."""
+    from ..errors import MoECLIPError
+
+    if not args.transductive:
+        if args.mutual_tokens or args.mutual_images is not None or args.mutual_weight is not None:
+            raise MoECLIPError("--mutual-tokens, --mutual-images and --mutual-weight need --transductive")
+        return None
+    from ..engine.evaluate import Transductive
+    from ..model.fused import DEFAULT_MUTUAL_TOKENS, DEFAULT_MUTUAL_WEIGHT, MutualOptions
+
+    return Transductive(MutualOptions(args.mutual_tokens or DEFAULT_MUTUAL_TOKENS, args.mutual_images,
+                                      args.mutual_seed,
+                                      DEFAULT_MUTUAL_WEIGHT if args.mutual_weight is None else args.mutual_weight))
+
+
+def _plan_doc(plan):
+    from dataclasses import asdict
+
+    return None if plan is None else asdict(plan.options)
 
 
 def _map_writer(out: Path, args):
@@ -90,19 +126,20 @@ def _run(args, out: Path, device) -> int:
             raise MoECLIPError(f"{out}: output directory is not empty (use --overwrite)")
         out.mkdir(parents=True, exist_ok=True)
     D.barrier()
+    plan = transductive_plan(args)
     sources = build_sources(args.data, descriptions=args.descriptions, fix_typos=args.fix_typos, domain=args.domain)
     model = load_model_from_args(args).to(device).cast_frozen_weights(args.precision)
     size = model.config.backbone.image_size
 
     if args.shots is not None or args.reference_data:
-        return _run_few_shot(args, out, device, model, sources)
+        return _run_few_shot(args, out, device, model, sources, plan)
     writer = _map_writer(out, args) if (args.save_maps or args.visualize) else None
 
     results = []
     for source in sources:
         res = evaluate_source(model, source, image_size=size, device=device, precision=args.precision,
                               batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad,
-                              keep_maps=args.report, on_batch=writer)
+                              keep_maps=args.report, on_batch=writer, transductive=plan)
         results.append(res)
     if not D.is_main():
         return 0
@@ -110,7 +147,7 @@ def _run(args, out: Path, device) -> int:
         for path, reason in res.skipped:
             print(f"skipped {path}: {reason}")
 
-    doc = {"checkpoint": str(args.checkpoint), "config": model.config.to_dict(),
+    doc = {"checkpoint": str(args.checkpoint), "config": model.config.to_dict(), "transductive": _plan_doc(plan),
            "datasets": [{"name": r.source, "domain": r.domain, "per_class": r.per_class, "average": r.average,
                          "skipped": [list(s) for s in r.skipped]} for r in results]}
     atomic_write_text(out / "results.json", json.dumps(doc, indent=2) + "\n")
@@ -133,7 +170,7 @@ def _run(args, out: Path, device) -> int:
     return 0
 
 
-def _run_few_shot(args, out: Path, device, model, sources) -> int:
+def _run_few_shot(args, out: Path, device, model, sources, plan=None) -> int:
     """``--shots`` / ``--reference-data``: the k-shot protocol, per seed and mean +- std."""
     from ..engine import distributed as D
     from ..engine.evaluate import METRIC_KEYS, format_table_seeds
@@ -151,7 +188,7 @@ def _run_few_shot(args, out: Path, device, model, sources) -> int:
                                weight=args.reference_weight, bank_size=args.bank_size, bank_fp16=args.bank_fp16,
                                on_batch_for=writer_for, keep_maps_first=args.report, image_size=size, device=device,
                                precision=args.precision, batch_size=args.batch_size, workers=args.workers,
-                               skip_bad=args.skip_bad)
+                               skip_bad=args.skip_bad, transductive=plan)
                for i, src in enumerate(sources)]
     if not D.is_main():
         return 0
@@ -159,6 +196,7 @@ def _run_few_shot(args, out: Path, device, model, sources) -> int:
            "bank_size": args.bank_size, "bank_fp16": args.bank_fp16,
            "reference_data": list(args.reference_data)}
     doc = {"checkpoint": str(args.checkpoint), "config": model.config.to_dict(), "few_shot": few,
+           "transductive": _plan_doc(plan),
            "datasets": [{"name": r.source, "domain": r.domain, **r.stats,
                          "per_seed": [{"seed": s, "per_class": e.per_class, "average": e.average,
                                        "references": e.references, "skipped": [list(x) for x in e.skipped]}

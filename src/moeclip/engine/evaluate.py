@@ -88,6 +88,37 @@ class FewShot:
     bank_fp16: bool = False
 
 
+@dataclass
+class Transductive:
+    """Transductive evaluation (MuSc's protocol): per class, the class's whole test split is one batch.
+
+    Each image's map is the zero-shot map fused with the mutual map over the class's other test
+    images (and with the few-shot map under :class:`FewShot`), :mod:`moeclip.model.fused`.
+    """
+
+    options: Optional[object] = None  # moeclip.model.fused.MutualOptions (default: its defaults)
+
+
+def _transductive_batches(model, loader, text, domain: Domain, device, precision: str, bank, weight: float,
+                          transductive: Transductive):
+    """(batch, fused maps, scores) for every batch of one class, after the whole class has been seen."""
+    from ..model.fused import MutualOptions, concat_signals, forward_signals, fuse_batch
+
+    opts = transductive.options or MutualOptions()
+    kept, parts = [], []
+    for batch in loader:
+        with autocast(device, precision):
+            parts.append(forward_signals(model, batch["image"].to(device), text, domain, bank, opts.tokens))
+        kept.append(batch)
+    stats = None if bank is None else bank.normal_stats(model, text, domain)
+    fused = fuse_batch(concat_signals(parts), domain, stats, weight, opts)
+    start = 0
+    for batch in kept:
+        n = batch["image"].shape[0]
+        yield batch, torch.from_numpy(fused.maps[start:start + n]), torch.from_numpy(fused.raw_scores[start:start + n])
+        start += n
+
+
 def _class_bank(model, paths: Sequence[Path], description: str, image_size: int, few_shot: FewShot,
                 precision: str, batch_size: int, text: torch.Tensor, domain: Domain):
     from ..data.imageio import load_image
@@ -120,10 +151,12 @@ def _score_batch(model, images: torch.Tensor, text: torch.Tensor, domain: Domain
 def evaluate_source(model, source: EvalSource, *, image_size: int, device: torch.device, precision: str = "fp32",
                     batch_size: int = 8, workers: int = 0, skip_bad: bool = False, keep_maps: bool = False,
                     on_batch: Optional[Callable] = None, progress: bool = True,
-                    few_shot: Optional[FewShot] = None) -> EvalResult:
+                    few_shot: Optional[FewShot] = None, transductive: Optional[Transductive] = None) -> EvalResult:
     """Evaluate every class of ``source``; maps are kept at the evaluation resolution (S x S).
 
-    With ``few_shot``, each class is scored against a memory bank of its references (see :class:`FewShot`).
+    With ``few_shot``, each class is scored against a memory bank of its references (see :class:`FewShot`);
+    with ``transductive``, each class's test images are one batch (see :class:`Transductive`; every
+    process scores the whole class under torchrun).
     """
     model.eval()
     domain = Domain.parse(source.domain)
@@ -148,23 +181,28 @@ def evaluate_source(model, source: EvalSource, *, image_size: int, device: torch
             result.references[group] = [str(r) for r in refs]
         # under torchrun each rank scores an interleaved shard; the shards are gathered in order
         shard = list(range(dist_utils.rank(), len(dataset), dist_utils.world_size()))
-        subset = torch.utils.data.Subset(dataset, shard) if dist_utils.is_distributed() else dataset
+        sharded = dist_utils.is_distributed() and transductive is None
+        subset = torch.utils.data.Subset(dataset, shard) if sharded else dataset
         loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
         scores, maxes, labels, paths = [], [], [], []
         maps_keep, masks_keep = [], []
         local = []
         bar = tqdm(loader, desc=f"{source.name}/{group}", unit="batch",
                    disable=not progress or not dist_utils.is_main(), leave=False)
-        for batch in bar:
-            amap, score = _score_batch(model, batch["image"].to(device), text, domain, device, precision, bank,
-                                       few_shot.weight if few_shot is not None else 0.5)
+        weight = few_shot.weight if few_shot is not None else 0.5
+        if transductive is None:
+            scored = ((b, *_score_batch(model, b["image"].to(device), text, domain, device, precision, bank, weight))
+                      for b in bar)
+        else:
+            scored = _transductive_batches(model, bar, text, domain, device, precision, bank, weight, transductive)
+        for batch, amap, score in scored:
             mask = batch["mask"][:, 0] > 0.5
             if on_batch is not None:
                 on_batch(source, group, batch, amap, score)
             local.append((batch["index"].numpy(), amap.numpy(), mask.numpy(), score.numpy(),
                           batch["label"].numpy(), list(batch["path"])))
-        parts = [p for rank_parts in dist_utils.gather_objects(local) for p in rank_parts]
-        if dist_utils.is_distributed():  # back to the dataset order: identical to one process
+        parts = [p for rank_parts in dist_utils.gather_objects(local) for p in rank_parts] if sharded else local
+        if sharded:  # back to the dataset order: identical to one process
             flat = [(int(i), p[1][j], p[2][j], p[3][j], p[4][j], p[5][j]) for p in parts for j, i in enumerate(p[0])]
             flat.sort(key=lambda t: t[0])
             parts = [(np.array([t[0]]), t[1][None], t[2][None], np.array([t[3]]), np.array([t[4]]), [t[5]])

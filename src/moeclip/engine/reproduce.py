@@ -11,7 +11,8 @@ epoch). A marker records the stage's settings: a rerun with other settings into 
 folder is refused rather than mixing results.
 
 The reference numbers (the paper's table and an independent reproduction) live in
-``moeclip/data/paper_results.json``; the per-image timings used for the dry-run's estimates
+``moeclip/data/paper_results.json``, MuSc's published figures (for ``--transductive``) in
+``moeclip/data/musc_results.json``; the per-image timings used for the dry-run's estimates
 in ``moeclip/data/benchmark_figures.json`` (measured by ``benchmarks/``).
 """
 from __future__ import annotations
@@ -77,6 +78,11 @@ def paper_results() -> dict:
     return _package_json("paper_results.json")
 
 
+def musc_results() -> dict:
+    """MuSc's published figures (ICLR 2024, Table 1), percent, each with its source: ``--transductive``."""
+    return _package_json("musc_results.json")
+
+
 def benchmark_figures() -> dict:
     """Measured seconds per training step / test batch (``benchmarks/README.md``), for estimates."""
     return _package_json("benchmark_figures.json")
@@ -118,6 +124,7 @@ class ReproduceConfig:
     eval_batch_size: int = 8
     skip_missing: bool = False
     device: str = "auto"
+    transductive: bool = False  # also MuSc's protocol: each test also scored with the class's test split as a batch
 
 
 @dataclass
@@ -135,7 +142,7 @@ class Located:
 
 @dataclass
 class Stage:
-    kind: str                      # "train" or "test"
+    kind: str                      # "train", "test" or "transductive" (a test under MuSc's protocol)
     dataset: str                   # registry key of the data trained on / tested on
     replicate: str                 # "seed-111" or "ckpt-1"
     trained_on: str
@@ -262,7 +269,7 @@ class Plan:
                       {"checkpoint": os.path.abspath(stage.checkpoint),
                        "backbone_overrides": self.config.backbone_overrides,
                        "adapter_overrides": self.config.adapter_overrides})
-            doc = {"kind": "test", "dataset": stage.dataset, "trained_on": stage.trained_on,
+            doc = {"kind": stage.kind, "dataset": stage.dataset, "trained_on": stage.trained_on,
                    "replicate": stage.replicate, "precision": self.config.train.precision, "model_from": origin}
         return json.loads(json.dumps(doc))
 
@@ -403,7 +410,10 @@ def build_plan(data_root, out, config: ReproduceConfig, device: Optional[str] = 
         for replicate, seed, ckpt in reps:
             if ckpt is None:
                 stages.append(Stage("train", train, replicate, train, seed, images=found[train].images))
-            stages.extend(Stage("test", t, replicate, train, seed, ckpt, images=found[t].images) for t in present)
+            for t in present:
+                stages.append(Stage("test", t, replicate, train, seed, ckpt, images=found[t].images))
+                if config.transductive:
+                    stages.append(Stage("transductive", t, replicate, train, seed, ckpt, images=found[t].images))
     for s in stages:
         _estimate(s, config, device)
     return Plan(config, Path(data_root), Path(out), device, stages, found, missing, notes)
@@ -434,7 +444,7 @@ def stage_complete(plan: Plan, stage: Stage) -> bool:
     if doc is None:
         raise MoECLIPError(f"{marker}: unreadable completion marker; delete the folder to redo the stage")
     _check_spec(doc.get("spec"), plan.spec(stage), marker)
-    if stage.kind == "test" and doc.get("model_stamp") != model_stamp(plan, stage):
+    if stage.kind != "train" and doc.get("model_stamp") != model_stamp(plan, stage):
         return False  # its model was trained again (or the checkpoint replaced): test again
     return True
 
@@ -525,8 +535,9 @@ def results_document(checkpoint: str, config: dict, results) -> Tuple[str, str]:
 
 
 def _run_test(plan: Plan, stage: Stage, device, say, progress: bool, cache: dict) -> None:
-    """One zero-shot test, written into a side folder that replaces the stage folder when complete."""
-    from .evaluate import evaluate_source
+    """One zero-shot test (or, kind "transductive", MuSc's protocol: each class's test split one batch),
+    written into a side folder that replaces the stage folder when complete."""
+    from .evaluate import Transductive, evaluate_source
 
     folder, spec, started = plan.out / stage.path, plan.spec(stage), time.time()
     part = folder.with_name(f".{folder.name}.partial")
@@ -537,7 +548,8 @@ def _run_test(plan: Plan, stage: Stage, device, say, progress: bool, cache: dict
     source = _source(plan, stage.dataset)
     result = evaluate_source(model, source, image_size=model.config.backbone.image_size, device=device,
                              precision=plan.config.train.precision, batch_size=plan.config.eval_batch_size,
-                             workers=plan.config.train.workers, progress=progress)
+                             workers=plan.config.train.workers, progress=progress,
+                             transductive=Transductive() if stage.kind == "transductive" else None)
     doc, table = results_document(path, model.config.to_dict(), [result])
     atomic_write_text(part / "results.json", doc)
     atomic_write_text(part / "results.csv", table)
@@ -576,11 +588,11 @@ def run_plan(plan: Plan, *, say: Callable[[str], None] = print, progress: bool =
 
 # --------------------------------------------------------------------------- the report
 
-def collect(plan: Plan) -> Dict[str, Dict[str, Dict[str, Optional[float]]]]:
-    """dataset -> replicate -> metric -> value in percent (None: undefined), from complete test stages."""
+def collect(plan: Plan, kind: str = "test") -> Dict[str, Dict[str, Dict[str, Optional[float]]]]:
+    """dataset -> replicate -> metric -> value in percent (None: undefined), from complete ``kind`` stages."""
     out: Dict[str, Dict[str, Dict[str, Optional[float]]]] = {}
     for s in plan.stages:
-        if s.kind != "test" or not (plan.out / s.path / DONE_FILE).is_file():
+        if s.kind != kind or not (plan.out / s.path / DONE_FILE).is_file():
             continue
         path = plan.out / s.path / "results.json"
         doc = _read_json(path)
@@ -655,6 +667,47 @@ def summarise(collected: Dict[str, Dict[str, Dict[str, Optional[float]]]], repli
             "sources": {"paper": ref["paper"], "independent": ind["source"]}}
 
 
+def summarise_transductive(transductive, zero_shot, replicates: Sequence[str]) -> dict:
+    """MuSc's protocol beside the zero-shot one: per dataset and metric, ours (mean +- std over
+    replicates) transductive and zero-shot, MuSc's published figure and the MoECLIP paper's."""
+    musc, paper = musc_results(), paper_results()
+    order = [s.key for s in list_datasets()]
+    rows = []
+    for key in sorted(transductive, key=lambda k: order.index(k) if k in order else len(order)):
+        metrics = {}
+        for m in REPORT_METRICS[:5]:
+            def values(table):
+                per = table.get(key, {})
+                return [per[r][m] for r in replicates if r in per and per[r].get(m) is not None]
+            t_mean, t_std, n = mean_std(values(transductive))
+            z_mean, _, _ = mean_std(values(zero_shot))
+            ms, ms_src = _reference(musc, key, m)
+            metrics[m] = {"mean": t_mean, "std": t_std, "n": n, "zero_shot": z_mean, "musc": ms,
+                          "musc_source": ms_src, "paper": _reference(paper, key, m)[0],
+                          "diff_musc": None if t_mean is None or ms is None else t_mean - ms}
+        rows.append({"key": key, "name": get_dataset(key).display_name, "metrics": metrics})
+    return {"datasets": rows, "source": musc["method"]}
+
+
+def _transductive_markdown(summary: dict) -> List[str]:
+    t = summary.get("transductive")
+    if not t:
+        return []
+    src = t["source"]
+    lines = ["## Transductive (MuSc's protocol)", "",
+             "Each class's whole test split is one unlabeled batch (`moeclip test --transductive`): MoECLIP's "
+             "zero-shot map fused with the mutual map (README 'Transductive scoring'). **transductive** = ours "
+             "(mean ± std over the replicates), **zero-shot** = ours above, **MuSc** = its published figure "
+             f"({src['table']}; {src['title']}, {src['venue']}), **paper** = MoECLIP's zero-shot figure, "
+             "**Δ MuSc** = transductive − MuSc.", "",
+             "| dataset | metric | transductive | zero-shot | MuSc | paper | Δ MuSc |", "|---|---|---|---|---|---|---|"]
+    for d in t["datasets"]:
+        for m, c in d["metrics"].items():
+            lines.append(f"| {d['name']} | {METRIC_LABELS[m]} | {_ours(c)} | {_fmt(c['zero_shot'])} | "
+                         f"{_fmt(c['musc'])} | {_fmt(c['paper'])} | {_fmt(c['diff_musc'], signed=True)} |")
+    return lines + [""]
+
+
 def _fmt(v: Optional[float], digits: int = 1, signed: bool = False) -> str:
     if v is None:
         return "n/a"
@@ -674,7 +727,7 @@ def _settings(plan: Plan) -> dict:
             "checkpoints": [list(x) for x in c.checkpoints] or None,
             "model": c.model.to_dict() if not c.checkpoints else None,
             "train": dataclasses.asdict(c.train) if not c.checkpoints else None,
-            "missing": plan.missing, "notes": plan.notes}
+            "missing": plan.missing, "notes": plan.notes, "transductive": c.transductive}
 
 
 def report_markdown(plan: Plan, summary: dict) -> str:
@@ -723,7 +776,8 @@ def report_markdown(plan: Plan, summary: dict) -> str:
             vals = d["per_replicate"].get(r)
             if vals:
                 lines.append(f"| {d['name']} {r} | " + " | ".join(_fmt(vals[m], 2) for m in REPORT_METRICS[:4]) + " |")
-    lines += ["", f"Paper: {summary['sources']['paper']['title']} ({summary['sources']['paper']['venue']}, "
+    lines += [""] + _transductive_markdown(summary)
+    lines += [f"Paper: {summary['sources']['paper']['title']} ({summary['sources']['paper']['venue']}, "
               f"arXiv {summary['sources']['paper']['arxiv']}), {summary['sources']['paper']['table']}.",
               f"Independent reproduction: {summary['sources']['independent']}.", ""]
     return "\n".join(lines)
@@ -751,6 +805,9 @@ def write_report(plan: Plan) -> Dict[str, Path]:
     """RUN/reproduction.{md,json,csv} from the completed test stages."""
     trained_on = {s.dataset: s.trained_on for s in plan.stages if s.kind == "test"}
     summary = summarise(collect(plan), plan.replicates, trained_on)
+    if plan.config.transductive:
+        summary["transductive"] = summarise_transductive(collect(plan, "transductive"), collect(plan),
+                                                         plan.replicates)
     doc = {"settings": _settings(plan), **summary}
     paths = {ext: plan.out / f"reproduction.{ext}" for ext in ("md", "json", "csv")}
     atomic_write_text(paths["json"], json.dumps(doc, indent=2) + "\n")

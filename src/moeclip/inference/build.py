@@ -64,9 +64,14 @@ class RuntimeSpec:
     reference_weight: float = 0.5
     bank_size: Optional[int] = None
     bank_fp16: bool = False
+    # fused transductive mode: the keywords of Detector.transductive_runtime (None: batch by batch)
+    transductive: Optional[Dict[str, Any]] = None
 
     def build(self) -> Built:
         dep = Deployment.load(self.deploy) if self.deploy else None
+        if self.transductive is not None and (self.openvino or self.onnx or dep is not None):
+            raise MoECLIPError("--transductive runs the PyTorch model of a --checkpoint (the mutual score needs "
+                               "its tokens); drop --onnx/--openvino/--deploy")
         if self.openvino:
             return self._build_openvino(dep)
         if self.onnx:
@@ -94,7 +99,8 @@ class RuntimeSpec:
                        precision=self.precision, domain=self.domain or "industrial", threshold=self.threshold,
                        pixel_threshold=self.pixel_threshold)
         self._attach_references(det)
-        return Built(det.runtime(), det.post_processor(), None, "flag")
+        runtime = det.runtime() if self.transductive is None else det.transductive_runtime(**self.transductive)
+        return Built(runtime, det.post_processor(), None, "flag")
 
     def _attach_references(self, det) -> None:
         """Few-shot: one memory bank per referenced object (:mod:`moeclip.inference.references`)."""

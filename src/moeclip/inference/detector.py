@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..errors import MoECLIPError
 from ..model.checkpoint import load_model
 from ..model.domain import Domain
 from ..model.options import build_model
@@ -95,6 +96,19 @@ class Detector:
             return FewShotRuntime(self, self.references)
         return TorchRuntime(self)
 
+    def transductive_runtime(self, tokens: Optional[str] = None, mutual_images: Optional[int] = None,
+                             mutual_seed: int = 0, mutual_weight: Optional[float] = None, batch_size: int = 8):
+        """The fused transductive runtime (:mod:`moeclip.inference.fused`): ``raw`` scores one whole batch."""
+        from ..model.fused import DEFAULT_MUTUAL_TOKENS, DEFAULT_MUTUAL_WEIGHT, MutualOptions
+        from .fused import TransductiveRuntime
+
+        if self.normalization is not None:
+            raise MoECLIPError("this detector's normalisation was calibrated zero-shot; transductive scores are "
+                               "on another scale: use a checkpoint without a deployment file with --transductive")
+        opts = MutualOptions(tokens or DEFAULT_MUTUAL_TOKENS, mutual_images, mutual_seed,
+                             DEFAULT_MUTUAL_WEIGHT if mutual_weight is None else mutual_weight)
+        return TransductiveRuntime(self, opts, batch_size)
+
     def with_references(self, images, object: Optional[str] = None, *, bank_size: Optional[int] = None,
                         fp16: bool = False, weight: Optional[float] = None, batch_size: int = 8) -> "Detector":
         """Few-shot: score ``object`` against these normal reference images from now on; returns ``self``.
@@ -126,15 +140,28 @@ class Detector:
         return image_score(map_max, raw_score, domain or self.domain, self.normalization, self.num_maps)
 
     def predict(self, images: Union[ImageLike, Sequence[ImageLike]], object: Optional[str] = None,
-                domain: Optional[str] = None, batch_size: int = 8) -> List[Prediction]:
-        """Score images (paths, PIL images or arrays); maps come back at each image's own size."""
+                domain: Optional[str] = None, batch_size: int = 8, transductive: bool = False,
+                **mutual) -> List[Prediction]:
+        """Score images (paths, PIL images or arrays); maps come back at each image's own size.
+
+        ``transductive=True``: the images (2 or more, one object) are scored as one batch, zero-shot
+        + mutual (+ few-shot with references) fused (:mod:`moeclip.model.fused`); ``mutual``: the
+        keywords of :meth:`transductive_runtime` (``tokens``, ``mutual_images``, ``mutual_seed``,
+        ``mutual_weight``).
+        """
         if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "convert"):
             images = [images]
         post = self.post_processor(domain)
         obj = object or self.object or GENERIC_OBJECT
-        runtime = self.runtime()
         images = list(images)
         results: List[Prediction] = []
+        if transductive:
+            runtime = self.transductive_runtime(batch_size=batch_size, **mutual)
+            batch_size = max(1, len(images))  # one batch: every image meets every other
+        elif mutual:
+            raise MoECLIPError(f"{sorted(mutual)} need transductive=True")
+        else:
+            runtime = self.runtime()
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             decoded = [decode(x) for x in chunk]

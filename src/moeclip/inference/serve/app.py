@@ -436,6 +436,9 @@ def create_app(detector, deployment: Optional[Deployment] = None, *, pixel_thres
 
     add_reference_routes(app, service, ApiError, _read_upload, max_upload_bytes, max_pixels)
     _add_operations_routes(app, service, metrics)
+    from .batch import add_batch_route  # POST /predict/batch: several images of one object as one batch
+
+    add_batch_route(app, service, ApiError, _read_upload, max_upload_bytes, max_pixels)
 
     app.state.detector = detector
     app.state.service = service
