@@ -314,7 +314,7 @@ def random_batch(batch: int, size: int, device: torch.device, seed: int = 0):
 def machine_info(device: torch.device) -> Dict[str, Any]:
     info: Dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
     }
     try:
         import open_clip
@@ -331,7 +331,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

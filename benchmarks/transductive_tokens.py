@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -29,15 +29,8 @@ from moeclip.engine.sources import build_source
 from moeclip.model.checkpoint import load_model
 from moeclip.model.fused import MUTUAL_TOKENS, MutualOptions
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name  # noqa: E402
 
 
 def main() -> None:

@@ -133,20 +133,29 @@ def transductive_spec(args: argparse.Namespace):
                     device=args.device, batch_size=args.batch_size)
 
 
-def run_transductive(args: argparse.Namespace) -> int:
-    """``predict --transductive``: every object group of the inputs is one batch (moeclip.inference.transductive)."""
-    from ..data.imageio import DEFAULT_MAX_PIXELS
-    from ..inference.pipeline import ObjectRules, ResultWriter, expand_inputs
-    from ..inference.transductive import MuScPostProcessor, check_batch
-    from ..inference.transductive import run_transductive as run_batches
+def transductive_jobs(args: argparse.Namespace, out: Path) -> list:
+    """The inputs with their objects; refused before anything is written when no object has two images."""
+    from ..inference.pipeline import ObjectRules, expand_inputs
+    from ..inference.transductive import check_batch
 
-    spec = transductive_spec(args)
-    out = Path(args.out)
     jobs = expand_inputs(args.inputs, exclude=out)
     if not jobs:
         raise MoECLIPError("no input images found")
     ObjectRules.from_args(args.object, args.class_map).assign(jobs)
     check_batch(jobs)
+    return jobs
+
+
+def run_transductive(args: argparse.Namespace) -> int:
+    """``predict --transductive``: every object group of the inputs is one batch (moeclip.inference.transductive)."""
+    from ..data.imageio import DEFAULT_MAX_PIXELS
+    from ..inference.pipeline import ResultWriter
+    from ..inference.transductive import MuScPostProcessor
+    from ..inference.transductive import run_transductive as run_batches
+
+    spec = transductive_spec(args)
+    out = Path(args.out)
+    jobs = transductive_jobs(args, out)
     scorer = spec.build()  # before the output folder: a bad model flag writes nothing
     writer = ResultWriter(out, overwrite=args.overwrite, resume=args.resume, maps=not args.no_maps,
                           overlays=not args.no_overlays, masks=False)
@@ -163,8 +172,7 @@ def run_fused(args: argparse.Namespace) -> int:
 
     from ..data.imageio import DEFAULT_MAX_PIXELS
     from ..inference.fused import run_fused as run_batches
-    from ..inference.pipeline import ObjectRules, ResultWriter, expand_inputs
-    from ..inference.transductive import check_batch
+    from ..inference.pipeline import ResultWriter
 
     clashing = [flag for flag, given in (("--deploy", args.deploy), ("--onnx", args.onnx),
                                          ("--openvino", getattr(args, "openvino", None)),
@@ -175,11 +183,7 @@ def run_fused(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise MoECLIPError("--transductive (fused) needs --checkpoint; --scoring musc needs none")
     out = Path(args.out)
-    jobs = expand_inputs(args.inputs, exclude=out)
-    if not jobs:
-        raise MoECLIPError("no input images found")
-    ObjectRules.from_args(args.object, args.class_map).assign(jobs)
-    check_batch(jobs)
+    jobs = transductive_jobs(args, out)
     mutual = {"tokens": args.mutual_tokens, "mutual_images": args.mutual_images, "mutual_seed": args.mutual_seed,
               "mutual_weight": args.mutual_weight, "batch_size": args.batch_size}
     built = replace(runtime_spec(args), transductive=mutual).build()  # before the output folder
